@@ -1,0 +1,53 @@
+# cxr-triage: the two commands a fresh machine needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEFAULT_MODEL ?= densenet121-nih14
+ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
+
+.PHONY: serve test lint typecheck unit integration bench engine clean help
+
+help:
+	@echo "make serve   start the service on 127.0.0.1:8000 (embedded defaults, CPU engine)"
+	@echo "make test    install everything needed and run lint, types and the whole test suite"
+	@echo "make bench   engine / decode / served-vs-engine benchmark -> benchmarks/results/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+# Serving install: no torch.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+# Everything: serving + trainer (torch, timm) + dev tools (pytest, ruff, mypy, locust, pydicom-data).
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[train,dev]'
+	@touch $@ $(VENV)/.serve
+
+# The default engine: exported (untrained, no download) when model_repo/ has none.
+engine: $(VENV)/.serve
+ifeq ($(ENGINE),)
+	$(MAKE) $(VENV)/.dev
+	$(BIN)/cxr-triage export $(DEFAULT_MODEL)
+endif
+
+serve: engine
+	$(BIN)/cxr-triage serve
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check server tests benchmarks
+	$(BIN)/ruff format --check server tests benchmarks
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+test: $(VENV)/.dev lint typecheck
+	$(BIN)/pytest -q
+
+bench: engine $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from cxr_triage.cli import app
+
+app()

@@ -1,0 +1,124 @@
+"""The ``cxr-triage`` command line. Thin: each command builds Settings and calls one entry point."""
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+
+from cxr_triage.config import Settings
+from cxr_triage.errors import CxrError
+
+app = typer.Typer(help="Chest X-ray triage service.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    return Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(exc: CxrError) -> None:
+    console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
+    raise typer.Exit(2)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (CXR_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (CXR_PORT)")] = None,
+    model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
+    build_default: Annotated[
+        bool, typer.Option(help="export the default model first when it has no version (needs extra [train])")
+    ] = False,
+) -> None:
+    """Start the service (LitServe, dynamic batching) on 127.0.0.1:8000 by default."""
+    settings = _settings(host=host, port=port, model_repo=model_repo)
+    _logging(settings.log_level)
+    settings.prepare_process_environment()  # before any metric is created
+    from cxr_triage.serving.app import build_service
+
+    try:
+        if build_default:
+            _ensure_default_engine(settings)
+        service = build_service(settings)
+    except CxrError as exc:
+        _fail(exc)
+        return
+    service.run()
+
+
+def _ensure_default_engine(settings: Settings) -> None:
+    from cxr_triage.repository import ModelRepository
+
+    repo = ModelRepository.load(settings.model_repo, settings.default_model, check_engines=False)
+    entry = repo.get(None)
+    if entry.versions:
+        return
+    console.print(f"{entry.name} has no version yet: exporting an untrained one (no weights are downloaded)")
+    export(entry.name, model_repo=settings.model_repo)
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="model name, a folder of model_repo/")],
+    weights: Annotated[
+        Path | None, typer.Option(help="PyTorch state dict to export; none = untrained")
+    ] = None,
+    weights_kind: Annotated[
+        str | None, typer.Option(help="provenance to record: trained | imported (default with --weights)")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="what the weights were trained on")] = None,
+    model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
+    tolerance: Annotated[float, typer.Option(help="max |ONNX - PyTorch| accepted")] = 1e-4,
+) -> None:
+    """Export MODEL to ONNX with timm, check it against PyTorch, register a new version."""
+    settings = _settings(model_repo=model_repo)
+    _logging("warning")
+    try:
+        from cxr_triage.train.export import export_model
+    except ImportError as exc:
+        console.print(f"[red]export needs the train extra[/]: pip install 'cxr-triage[train]' ({exc})")
+        raise typer.Exit(2) from exc
+    if weights_kind not in (None, "trained", "imported"):
+        console.print("--weights-kind must be trained or imported")
+        raise typer.Exit(2)
+    kind: Literal["trained", "imported"] | None = weights_kind  # type: ignore[assignment]
+    try:
+        with console.status(f"exporting {model} to ONNX and checking it against PyTorch…"):
+            result = export_model(settings.model_repo, model, weights, kind, data, tolerance)
+    except CxrError as exc:
+        _fail(exc)
+        return
+    console.print(
+        f"{model} version {result.version} ({result.weights}) at {result.path}; "
+        f"max |ONNX - PyTorch| = {result.max_abs_diff:.2e} (tolerance {tolerance:.0e})"
+    )
+    if result.weights == "untrained":
+        console.print("[bold yellow]untrained[/]: responses will say so; scores are meaningless")
+
+
+@app.command("check-repo")
+def check_repo(
+    model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
+) -> None:
+    """Validate model_repo/ as the server does at start-up; exit 2 with what to fix."""
+    settings = _settings(model_repo=model_repo)
+    from cxr_triage.repository import ModelRepository
+
+    try:
+        repo = ModelRepository.load(settings.model_repo, settings.default_model)
+    except CxrError as exc:
+        _fail(exc)
+        return
+    for entry in repo.models.values():
+        latest = entry.latest
+        state = f"version {latest.version} ({latest.metadata.weights})" if latest else "no version"
+        console.print(f"{entry.name}: {state}{'  (default)' if entry.name == repo.default_model else ''}")

@@ -1,0 +1,61 @@
+"""The one Settings object: every knob of the service, read from ``CXR_*`` environment variables.
+
+Build it once at the edge (the CLI) and pass it in; nothing else in the package reads the
+environment. Defaults are the embedded development set-up: loopback only, CPU engine.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=None, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to bind; LitServe accepts 127.0.0.1, 0.0.0.0 or ::")
+    port: int = Field(8000, ge=1024, le=65535)
+    model_repo: Path = Field(Path("model_repo"), description="the model repository folder")
+    default_model: str | None = Field(None, description="overrides the repository's `default: true` model")
+    models: list[str] | None = Field(None, description="models to serve; default: every model with a version")
+    backend: Backend = Field("auto", description="engine preference; auto picks TensorRT > CUDA > CPU")
+    inference_workers: int = Field(1, ge=1, le=64, description="LitServe inference processes")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per engine; 0 = all cores")
+    decode_workers: int = Field(0, ge=0, description="image decoding processes; 0 = one per core")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (rows x columns)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer is answered 504")
+    metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("host")
+    @classmethod
+    def _known_host(cls, v: str) -> str:
+        if v not in ("127.0.0.1", "0.0.0.0", "::"):
+            raise ValueError(
+                "CXR_HOST must be 127.0.0.1 (default), 0.0.0.0 or :: (LitServe binds only these)"
+            )
+        return v
+
+    def resolved_decode_workers(self) -> int:
+        return self.decode_workers or max(1, os.cpu_count() or 1)
+
+    def prepare_process_environment(self) -> Path:
+        """Point prometheus-client at a multiprocess folder before any metric is created.
+
+        prometheus-client picks its value storage from ``PROMETHEUS_MULTIPROC_DIR`` when it is
+        imported, and LitServe runs the HTTP server and the inference workers as separate
+        processes that inherit this environment; so this runs once, first, in the CLI.
+        Returns the folder (emptied: stale files from a dead process would be counted again).
+        """
+        folder = self.metrics_dir or Path(tempfile.mkdtemp(prefix="cxr-triage-metrics-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+        return folder

@@ -1,0 +1,60 @@
+"""ONNX Runtime engine: TensorRT, CUDA or CPU execution provider, whichever is present."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cxr_triage.config import Backend
+
+log = logging.getLogger(__name__)
+
+# Preference order for `auto`; the first one this onnxruntime build has wins.
+_PROVIDERS: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_BACKEND_NAMES = {v: f"onnxruntime-{k}" for k, v in _PROVIDERS.items()}
+
+
+def choose_providers(preference: Backend, available: list[str] | None = None) -> list[str]:
+    """Execution providers to ask for, best first, always ending with the CPU.
+
+    ``preference`` "auto" takes every accelerated provider present; a named backend that is
+    absent falls back to the CPU with a log line saying so.
+    """
+    available = ort.get_available_providers() if available is None else available
+    wanted = list(_PROVIDERS) if preference == "auto" else [preference]
+    chosen = [_PROVIDERS[w] for w in wanted if _PROVIDERS[w] in available and w != "cpu"]
+    if preference not in ("auto", "cpu") and not chosen:
+        log.warning(
+            "backend %s requested but %s is absent; falling back to CPU", preference, _PROVIDERS[preference]
+        )
+    return [*chosen, _PROVIDERS["cpu"]]
+
+
+def backend_name(provider: str) -> str:
+    """The backend label used in responses and metrics, e.g. onnxruntime-cpu."""
+    return _BACKEND_NAMES.get(provider, provider)
+
+
+class OnnxEngine:
+    """An ONNX Runtime inference session over one model file."""
+
+    def __init__(self, path: Path, preference: Backend = "auto", intra_op_threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options, providers=choose_providers(preference)
+        )
+        self._input = self._session.get_inputs()[0].name
+        self._output = self._session.get_outputs()[0].name
+        self.backend = backend_name(self._session.get_providers()[0])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run([self._output], {self._input: batch})
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,148 @@
+"""DICOM decoding for projection radiographs (PS3.3 C.7.6.3 Image Pixel, C.11 LUTs).
+
+Order of operations is the standard's grayscale pipeline (PS3.4 N.2.1): stored values
+-> BitsStored -> Modality LUT (rescale slope/intercept) -> VOI LUT or window -> 0-1 ->
+MONOCHROME1 inverted, so the result always reads "0 = black" like a MONOCHROME2 image.
+"""
+
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+
+from cxr_triage.errors import (
+    CorruptImage,
+    ImageTooLarge,
+    MultiFrame,
+    NotAnImage,
+    PixelDataMissing,
+    UnsupportedPhotometric,
+    UnsupportedTransferSyntax,
+)
+from cxr_triage.imaging.raster import _stretch
+from cxr_triage.imaging.types import DecodedImage, ImageLimits
+
+_GRAY = {"MONOCHROME1", "MONOCHROME2"}
+_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
+_PROJECTION_MODALITIES = {"CR", "DX"}
+_LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+
+
+def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Decode one single-frame DICOM image into a 0-1 float image.
+
+    Raises:
+        NotAnImage, PixelDataMissing, MultiFrame, UnsupportedPhotometric,
+        UnsupportedTransferSyntax, ImageTooLarge, CorruptImage.
+    """
+    ds = read_dataset(data)
+    _check_image_module(ds, limits)
+    stored = _stored_values(ds)
+    pixels = _to_display(stored, ds)
+    return DecodedImage(
+        pixels=pixels,
+        source="dicom",
+        bits=int(ds.BitsStored),
+        warnings=_warnings(ds),
+        dicom={k: str(ds.get(k)) for k in _UID_KEYWORDS if ds.get(k) is not None},
+    )
+
+
+def read_dataset(data: bytes) -> Dataset:
+    """Parse a Part 10 file (with or without the 128-byte preamble)."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data))
+    except InvalidDicomError as exc:
+        raise NotAnImage("the body is not a DICOM Part 10 file (no DICM prefix); check the file") from exc
+    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptImage(
+            f"the DICOM file is truncated or corrupt ({type(exc).__name__}); resend it"
+        ) from exc
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise PixelDataMissing("the DICOM object has no Pixel Data (7FE0,0010); send an image, not a report")
+    return ds
+
+
+def _check_image_module(ds: Dataset, limits: ImageLimits) -> None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        photometric = str(ds.PhotometricInterpretation).strip()
+        int(ds.BitsAllocated), int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CorruptImage(
+            f"the Image Pixel module is incomplete ({exc}); the file cannot be decoded"
+        ) from exc
+    if frames > 1:
+        raise MultiFrame(f"the DICOM holds {frames} frames; send single-frame radiographs")
+    if photometric not in _GRAY | _COLOUR:
+        raise UnsupportedPhotometric(
+            f"Photometric Interpretation {photometric} is not supported; send MONOCHROME1/2 (or RGB)"
+        )
+    if rows * cols > limits.max_pixels:
+        raise ImageTooLarge(f"image is {cols}x{rows} pixels, above the limit of {limits.max_pixels}")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is not None and tsyntax.is_compressed:
+        try:
+            available = get_decoder(tsyntax).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise UnsupportedTransferSyntax(
+                f"transfer syntax {tsyntax.name} cannot be decoded here; send it uncompressed, "
+                "JPEG 2000, JPEG Lossless, JPEG-LS or RLE"
+            )
+
+
+def _stored_values(ds: Dataset) -> np.ndarray:
+    """Decoded stored values with bits above BitsStored cleared (they may carry overlays)."""
+    try:
+        arr = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, OSError) as exc:
+        raise CorruptImage(f"the pixel data cannot be decoded ({exc}); the file may be truncated") from exc
+    if arr.ndim == 3:  # colour: pydicom returns RGB for YBR inputs
+        return arr @ np.array([0.299, 0.587, 0.114])
+    spare = arr.dtype.itemsize * 8 - int(ds.BitsStored)
+    if spare > 0 and np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.signedinteger):
+            arr = (arr << spare) >> spare  # sign-extend from BitsStored
+        else:
+            arr = arr & ((1 << int(ds.BitsStored)) - 1)
+    return arr
+
+
+def _to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    if stored.dtype.kind == "f":  # colour already reduced to luminance, 8 bits per sample
+        return (stored / (2 ** int(ds.BitsStored) - 1)).astype(np.float32)
+    values = apply_modality_lut(stored, ds)
+    if ds.get("VOILUTSequence"):
+        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        shown = apply_voi(values, ds).astype(np.float32) / (2**depth - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        # Ask pydicom for its own output range (it depends on rescale and signedness) by
+        # windowing two extreme values, then map that range onto 0-1.
+        with np.errstate(over="ignore"):
+            lo, hi = apply_windowing(np.array([-1e30, 1e30]), ds)
+            shown = ((apply_windowing(values, ds) - lo) / (hi - lo)).astype(np.float32)
+    else:
+        shown = _stretch(values.astype(np.float32))
+    shown = np.clip(shown, 0.0, 1.0)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        shown = 1.0 - shown  # MONOCHROME1: minimum value is white (PS3.3 C.7.6.3.1.2)
+    return shown.astype(np.float32)
+
+
+def _warnings(ds: Dataset) -> list[str]:
+    out = []
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in _PROJECTION_MODALITIES:
+        out.append(f"modality {modality or 'unknown'} is not CR or DX: scores are unreliable")
+    view = str(ds.get("ViewPosition", "")).upper()
+    if view in _LATERAL_VIEWS:
+        out.append(f"view position {view} is lateral: the model was trained on frontal (PA/AP) views")
+    return out

@@ -1,0 +1,74 @@
+"""PNG and JPEG decoding with Pillow: 8- and 16-bit grayscale, colour reduced to luminance."""
+
+import warnings
+from io import BytesIO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cxr_triage.errors import CorruptImage, ImageTooLarge, MultiFrame, NotAnImage, UnsupportedPhotometric
+from cxr_triage.imaging.types import DecodedImage, ImageLimits, SourceFormat
+
+_GRAY16 = {"I;16", "I;16B", "I;16L", "I"}
+_TO_LUMA = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA", "LA", "1", "L"}
+
+
+def decode_raster(data: bytes, source: SourceFormat, limits: ImageLimits) -> DecodedImage:
+    """Decode PNG/JPEG bytes into a 0-1 float image.
+
+    8-bit images are divided by 255 (the scale public CXR datasets are stored in). 16-bit
+    images carry no window, so their stored range is stretched to 0-1, as for a DICOM
+    without VOI.
+
+    Raises:
+        NotAnImage, CorruptImage, ImageTooLarge, MultiFrame, UnsupportedPhotometric.
+    """
+    img = _open(data, source, limits)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImage(
+            f"the {source.upper()} file is truncated or corrupt ({exc}); resend the whole file"
+        ) from exc
+    if img.mode in _GRAY16:
+        arr = np.asarray(img, dtype=np.float32)
+        return DecodedImage(pixels=_stretch(arr), source=source, bits=16)
+    if img.mode not in _TO_LUMA:
+        raise UnsupportedPhotometric(
+            f"{source.upper()} mode {img.mode} is not supported; send grayscale or RGB"
+        )
+    gray = img.convert("L")
+    arr = np.asarray(gray, dtype=np.float32) / 255.0
+    return DecodedImage(pixels=arr, source=source, bits=8)
+
+
+def _open(data: bytes, source: SourceFormat, limits: ImageLimits) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(BytesIO(data), formats=["PNG"] if source == "png" else ["JPEG", "MPO"])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image is too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImage(
+            f"the body is not a readable {source.upper()} image; check the file and Content-Type"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(f"the {source.upper()} header is corrupt ({exc})") from exc
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} pixels, above the limit of {limits.max_pixels}; downsample it first"
+        )
+    frames = int(getattr(img, "n_frames", 1))
+    if frames > 1:
+        raise MultiFrame(f"the {source.upper()} holds {frames} frames; send one radiograph per request")
+    return img
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Map the image's own min-max range to 0-1 (a flat image becomes all zeros)."""
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)

@@ -1,0 +1,76 @@
+"""Every Prometheus metric of the service, defined once.
+
+Names follow Prometheus conventions (``cxr_triage_`` prefix, units in the name); label values
+are bounded (route templates, model names, error codes) and never carry UIDs or PHI.
+
+LitServe runs the HTTP server and inference workers as separate processes, so metrics use
+prometheus-client's multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (the CLI sets
+it via ``Settings.prepare_process_environment`` before this module is imported).
+"""
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.values import ValueClass
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter(
+    "cxr_triage_requests_total", "HTTP requests by route and status", ["route", "method", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "cxr_triage_request_duration_seconds", "End-to-end HTTP latency", ["route"], buckets=_LATENCY_BUCKETS
+)
+ERRORS = Counter("cxr_triage_errors_total", "Errors answered, by error code", ["code"])
+PREPROCESS_SECONDS = Histogram(
+    "cxr_triage_preprocess_seconds",
+    "Decode and resize time by input format",
+    ["format"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "cxr_triage_queue_wait_seconds",
+    "Time from accepted to batch start",
+    ["priority"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("cxr_triage_batch_size", "Requests per engine call", ["model"], buckets=_BATCH_BUCKETS)
+INFERENCE_SECONDS = Histogram(
+    "cxr_triage_inference_seconds",
+    "Engine time per batch",
+    ["model", "version", "backend"],
+    buckets=_LATENCY_BUCKETS,
+)
+MODEL_INFO = Gauge(
+    "cxr_triage_model_info",
+    "1 for each model version being served",
+    ["model", "version", "weights", "backend"],
+    multiprocess_mode="liveall",
+)
+
+
+def is_multiprocess() -> bool:
+    return bool(getattr(ValueClass, "__name__", "") == "MmapedValue")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` gathered from every process of the service."""
+    if is_multiprocess():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (counters and histograms keep their totals)."""
+    if is_multiprocess():
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,113 @@
+"""Typed files of the model repository: ``config.yaml`` per model, ``metadata.json`` per version.
+
+Layout (after Triton's model repository)::
+
+    model_repo/<name>/config.yaml          labels in output order, input spec, batching, thresholds
+    model_repo/<name>/<version>/model.onnx engine with a dynamic batch axis
+    model_repo/<name>/<version>/metadata.json  where the weights came from, data, metrics
+"""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Weights = Literal["trained", "imported", "untrained"]
+CONFIG_FILE = "config.yaml"
+METADATA_FILE = "metadata.json"
+ENGINE_FILES = {"onnx": "model.onnx"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """What the engine's input tensor is: NCHW float32, ``(x - mean) / std`` on a 0-1 image."""
+
+    size: int = Field(..., ge=16, le=4096, description="square side in pixels")
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: Literal["squash", "letterbox"] = Field(
+        "letterbox", description="letterbox keeps the aspect ratio and pads with black"
+    )
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "InputSpec":
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"input.mean and input.std need {self.channels} values, one per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("input.std values must be > 0")
+        return self
+
+
+class BatchingSpec(_Strict):
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    batch_timeout_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits to fill")
+
+
+class ModelConfig(_Strict):
+    """``config.yaml`` of one model. ``name`` must equal the folder name."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    architecture: str = Field(..., description="timm model name used by the exporter")
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    label_set: str = Field("nih14", description="which label vocabulary, e.g. nih14 or chexpert")
+    labels: tuple[str, ...] = Field(..., min_length=1, description="in the engine's output order")
+    input: InputSpec
+    batching: BatchingSpec = BatchingSpec()
+    thresholds: dict[str, float] = Field(..., description="per-label operating point, 0-1")
+    critical_findings: tuple[str, ...] = ()
+    default: bool = False
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"labels must be unique; repeated: {dupes}")
+        return v
+
+    @model_validator(mode="after")
+    def _thresholds_and_critical(self) -> "ModelConfig":
+        missing = [x for x in self.labels if x not in self.thresholds]
+        unknown = [x for x in self.thresholds if x not in self.labels]
+        if missing or unknown:
+            raise ValueError(
+                f"thresholds must have exactly one entry per label; missing {missing}, unknown {unknown}"
+            )
+        bad = {k: v for k, v in self.thresholds.items() if not 0.0 < v < 1.0}
+        if bad:
+            raise ValueError(f"thresholds must lie strictly between 0 and 1; got {bad}")
+        stray = [x for x in self.critical_findings if x not in self.labels]
+        if stray:
+            raise ValueError(f"critical_findings must be labels of the model; unknown {stray}")
+        return self
+
+
+class EngineInfo(_Strict):
+    format: Literal["onnx"] = "onnx"
+    file: str = "model.onnx"
+    sha256: str | None = None
+    opset: int | None = None
+    input_name: str = "input"
+    output_name: str = "probabilities"
+
+
+class VersionMetadata(BaseModel):
+    """``metadata.json`` of one version: provenance first, so nobody serves weights blind."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    weights: Weights
+    data: str | None = Field(None, description="what the weights were trained on; null if untrained")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created: datetime
+    source_commit: str | None = None
+    engine: EngineInfo = EngineInfo()
+    labels: tuple[str, ...] | None = Field(None, description="labels at export time, checked against config")
+    parity: dict[str, Any] = Field(default_factory=dict, description="ONNX vs PyTorch check at export")
+    architecture: str | None = None
+    exported_with: dict[str, str] = Field(default_factory=dict, description="library versions at export")

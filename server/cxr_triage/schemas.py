@@ -1,0 +1,68 @@
+"""Wire types of the HTTP contract (../shared/API.md), shared by routes and results."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Priority = Literal["stat", "urgent", "routine", "backfill"]
+PRIORITIES: tuple[Priority, ...] = ("stat", "urgent", "routine", "backfill")
+UNTRAINED_WARNING = "model weights are untrained: scores are meaningless, not for clinical use"
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    backend: str
+    weights: Literal["trained", "imported", "untrained"]
+
+
+class FindingOut(BaseModel):
+    label: str
+    probability: float = Field(..., ge=0, le=1)
+    threshold: float = Field(..., gt=0, lt=1, description="operating point")
+    positive: bool
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    model: ModelRef
+    findings: list[FindingOut] = Field(..., description="every label of the model, in its label order")
+    abnormality_score: float = Field(..., ge=0, le=1, description=">= 0.5 iff some finding is positive")
+    triage: Literal["critical", "abnormal", "normal"]
+    priority: Priority
+    warnings: list[str]
+    timing_ms: dict[str, float] = Field(..., description="queue, preprocess, inference (milliseconds)")
+    batch_size: int = Field(..., ge=1, description="how many requests shared the engine call")
+
+
+class VersionOut(BaseModel):
+    version: str
+    backend: str | None = Field(None, description="engine backend when this version is loaded")
+    weights: Literal["trained", "imported", "untrained"]
+    data: str | None = None
+    created: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    serving: bool
+
+
+class ModelOut(BaseModel):
+    name: str
+    description: str
+    default: bool
+    labels: list[str]
+    critical_findings: list[str]
+    input: dict[str, Any]
+    versions: list[VersionOut]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelOut]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="stable machine-readable code, e.g. unsupported_photometric")
+    message: str = Field(..., description="what went wrong and how to fix it")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

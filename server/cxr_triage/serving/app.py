@@ -1,0 +1,91 @@
+"""Assemble the service: repository check, LitServe server, routes, error handling."""
+
+import logging
+from dataclasses import dataclass
+
+import litserve as ls
+from litserve.utils import WorkerSetupStatus
+
+from cxr_triage.config import Settings
+from cxr_triage.errors import RepositoryError
+from cxr_triage.repository import ModelRepository
+from cxr_triage.schemas import UNTRAINED_WARNING
+from cxr_triage.serving.api import TriageAPI
+from cxr_triage.serving.http_errors import install_error_handlers
+from cxr_triage.serving.intake import Intake
+from cxr_triage.serving.routes import build_router, install_request_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    server: ls.LitServer
+    intake: Intake
+
+    def run(self) -> None:
+        s = self.intake.settings
+        self.server.run(host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False)
+
+
+def served_models(settings: Settings, repo: ModelRepository) -> list[str]:
+    """Models to load: CXR_MODELS, else every model with a version. The default must be among them."""
+    wanted = settings.models or [m.name for m in repo.servable()]
+    problems = [f"{n}: not in the repository" for n in wanted if n not in repo.models]
+    problems += [
+        f"{n}: has no exported version; run `cxr-triage export {n}`"
+        for n in wanted
+        if n in repo.models and not repo.models[n].versions
+    ]
+    if repo.default_model not in wanted:
+        problems.append(
+            f"default model {repo.default_model}: not served; run `cxr-triage export {repo.default_model}` "
+            "or set CXR_DEFAULT_MODEL"
+        )
+    if problems:
+        raise RepositoryError("cannot serve:\n  - " + "\n  - ".join(problems))
+    return wanted
+
+
+def build_service(settings: Settings) -> Service:
+    """Validate model_repo/ and build the server (not started). Raises RepositoryError."""
+    repo = ModelRepository.load(settings.model_repo, settings.default_model)
+    served = served_models(settings, repo)
+    for name in served:
+        version = repo.models[name].latest
+        if version is not None and version.metadata.weights == "untrained":
+            log.warning("%s version %s: %s", name, version.version, UNTRAINED_WARNING.upper())
+    api = TriageAPI(settings, served, repo.default_model)
+    server = ls.LitServer(
+        api,
+        accelerator="cpu",
+        workers_per_device=settings.inference_workers,
+        timeout=settings.request_timeout_s,
+        healthcheck_path="/_litserve/health",
+        info_path="/_litserve/info",
+    )
+    intake = Intake(settings, repo, served)
+    app = server.app
+    app.title, app.version = "cxr-triage", _version()
+    app.state.intake = intake
+    app.include_router(build_router(intake, lambda: _workers_problem(server)))
+    install_error_handlers(app)
+    install_request_metrics(app)
+    return Service(server=server, intake=intake)
+
+
+def _workers_problem(server: ls.LitServer) -> str | None:
+    status = dict(getattr(server, "workers_setup_status", None) or {})
+    if not status:
+        return "inference workers have not started yet"
+    failed = [k for k, v in status.items() if v == WorkerSetupStatus.ERROR]
+    if failed:
+        return f"inference workers failed to load their models: {failed}; see the server log"
+    waiting = [k for k, v in status.items() if v != WorkerSetupStatus.READY]
+    return f"inference workers still loading: {waiting}" if waiting else None
+
+
+def _version() -> str:
+    from cxr_triage import __version__
+
+    return __version__

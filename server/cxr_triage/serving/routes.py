@@ -1,0 +1,90 @@
+"""Routes beside LitServe's predict endpoint: probes, models, metrics. Thin: logic lives below."""
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, FastAPI, Request, Response
+
+from cxr_triage.engines.onnx import backend_name, choose_providers
+from cxr_triage.errors import NotReady
+from cxr_triage.observability import metrics
+from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
+from cxr_triage.serving.intake import Intake
+
+ReadyCheck = Callable[[], str | None]
+
+
+def build_router(intake: Intake, workers_problem: ReadyCheck) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health", summary="200 while the process lives")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        "/ready",
+        summary="200 when every served model is loaded; 503 with the reason otherwise",
+        responses={503: {"model": ErrorResponse}},
+    )
+    async def ready() -> dict[str, object]:
+        problem = workers_problem()
+        if problem:
+            raise NotReady(problem)
+        await intake.warm()
+        return {"status": "ready", "models": intake.served}
+
+    @router.get("/v1/models", response_model=ModelsResponse, summary="served models, versions and labels")
+    async def models() -> ModelsResponse:
+        return list_models(intake)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+def list_models(intake: Intake) -> ModelsResponse:
+    backend = backend_name(choose_providers(intake.settings.backend)[0])
+    out = []
+    for entry in intake.repository.models.values():
+        latest = entry.latest
+        serving = entry.name in intake.served
+        versions = [
+            VersionOut(
+                version=v.version,
+                backend=backend if serving and v is latest else None,
+                weights=v.metadata.weights,
+                data=v.metadata.data,
+                created=v.metadata.created.isoformat(),
+                metrics=v.metadata.metrics,
+                serving=serving and v is latest,
+            )
+            for v in sorted(entry.versions.values(), key=lambda v: int(v.version))
+        ]
+        out.append(
+            ModelOut(
+                name=entry.name,
+                description=entry.config.description,
+                default=entry.name == intake.repository.default_model,
+                labels=list(entry.config.labels),
+                critical_findings=list(entry.config.critical_findings),
+                input=entry.config.input.model_dump(),
+                versions=versions,
+            )
+        )
+    return ModelsResponse(models=out)
+
+
+def install_request_metrics(app: FastAPI) -> None:
+    """Count every request by route template (bounded), method and status."""
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "other")
+        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
+        return response
