@@ -5,6 +5,7 @@ Order of operations is the standard's grayscale pipeline (PS3.4 N.2.1): stored v
 MONOCHROME1 inverted, so the result always reads "0 = black" like a MONOCHROME2 image.
 """
 
+import warnings
 from io import BytesIO
 
 import numpy as np
@@ -56,13 +57,17 @@ def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
 def read_dataset(data: bytes) -> Dataset:
     """Parse a Part 10 file (with or without the 128-byte preamble)."""
     try:
-        ds = pydicom.dcmread(BytesIO(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(BytesIO(data))
     except InvalidDicomError as exc:
         raise NotAnImage("the body is not a DICOM Part 10 file (no DICM prefix); check the file") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptImage(
             f"the DICOM file is truncated or corrupt ({type(exc).__name__}); resend it"
         ) from exc
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise CorruptImage("the DICOM file ends before its pixel data does (truncated); resend it")
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise PixelDataMissing("the DICOM object has no Pixel Data (7FE0,0010); send an image, not a report")
     return ds

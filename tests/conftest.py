@@ -1,0 +1,40 @@
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_tiny_repo, running_server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA (onnxruntime-gpu and a GPU)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with a tiny (64 px) DenseNet-121, exported by the real exporter, once."""
+    from cxr_triage.train.export import export_model
+
+    repo = make_tiny_repo(tmp_path_factory.mktemp("repo") / "model_repo", batch_timeout_ms=60)
+    export_model(repo, "densenet121-nih14")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(exported_repo: Path) -> Iterator[str]:
+    """The real server process, started once per test session."""
+    env = {"CXR_DECODE_WORKERS": "2", "CXR_INTRA_OP_THREADS": "1"}
+    if os.environ.get("CXR_TEST_SERVER_LOG"):
+        env["CXR_LOG_LEVEL"] = "debug"
+    with running_server(exported_repo, env) as url:
+        yield url

@@ -1,0 +1,139 @@
+"""Shared test helpers: real DICOM from pydicom-data, images, a tiny model repository, a server."""
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import yaml
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPO = ROOT / "model_repo"
+DEFAULT_MODEL = "densenet121-nih14"
+
+
+def dicom_path(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path, f"pydicom-data lacks {name}; install the dev extra"
+    return Path(str(path))
+
+
+def dicom_bytes(name: str) -> bytes:
+    return dicom_path(name).read_bytes()
+
+
+def dataset_bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def chest_u8(size: int | None = None) -> np.ndarray:
+    """RG1 (a real PA chest CR) as an 8-bit display image, optionally downsized."""
+    from cxr_triage.imaging import ImageLimits, decode
+
+    pixels = decode(dicom_bytes("RG1_UNCR.dcm"), "application/dicom", ImageLimits()).pixels
+    img = Image.fromarray((pixels * 255).round().astype(np.uint8))
+    return np.asarray(img.resize((size, size)) if size else img)
+
+
+def make_tiny_repo(dest: Path, size: int = 64, batch_timeout_ms: float = 10.0, max_batch: int = 8) -> Path:
+    """Copy model_repo/ configs (no versions) with a small input size, so exports stay fast."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for folder in MODEL_REPO.iterdir():
+        if not (folder / "config.yaml").is_file():
+            continue
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["input"]["size"] = size
+        config["batching"] = {"max_batch_size": max_batch, "batch_timeout_ms": batch_timeout_ms}
+        if config["architecture"].startswith("vit"):
+            config["architecture_kwargs"] = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+        (dest / folder.name).mkdir(exist_ok=True)
+        (dest / folder.name / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dest
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(repo: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+    """The real server as a process on a free 127.0.0.1 port; yields its base URL once /ready is 200."""
+    port = free_port()
+    full_env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_PORT": str(port), **(env or {})}
+    log = tempfile.NamedTemporaryFile(prefix="cxr-server-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxr_triage", "serve"],
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, timeout, Path(log.name))
+        yield url
+    finally:
+        stop(proc)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server at {url} not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # Workers live in the same session: make sure none outlives the test.
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

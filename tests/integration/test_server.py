@@ -1,0 +1,213 @@
+"""The real server process on 127.0.0.1: scoring, the API.md contract, bad input, batching."""
+
+import concurrent.futures as cf
+import io
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from tests.helpers import chest_u8, dataset_bytes, dicom_bytes, dicom_path, jpeg_bytes, png_bytes
+
+NIH14_FIRST = "Atelectasis"
+
+
+def post(server: str, data: bytes, content_type: str, **params: str) -> httpx.Response:
+    return httpx.post(
+        f"{server}/v1/predict",
+        content=data,
+        headers={"Content-Type": content_type},
+        params=params,
+        timeout=60,
+    )
+
+
+def assert_prediction(body: dict) -> None:
+    """Every field API.md promises, with sane values."""
+    assert body["request_id"]
+    assert body["model"] == {
+        "name": "densenet121-nih14",
+        "version": "1",
+        "backend": "onnxruntime-cpu",
+        "weights": "untrained",
+    }
+    findings = body["findings"]
+    assert len(findings) == 14 and findings[0]["label"] == NIH14_FIRST
+    for f in findings:
+        assert 0.0 <= f["probability"] <= 1.0 and f["threshold"] == 0.5
+        assert f["positive"] == (f["probability"] >= f["threshold"])
+    assert 0.0 <= body["abnormality_score"] <= 1.0
+    assert body["triage"] in ("critical", "abnormal", "normal")
+    assert (body["abnormality_score"] >= 0.5) == any(f["positive"] for f in findings)
+    assert any("untrained" in w for w in body["warnings"])
+    assert set(body["timing_ms"]) == {"queue", "preprocess", "inference"}
+    assert body["batch_size"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("make", "content_type"),
+    [
+        (lambda: png_bytes(chest_u8(300)), "image/png"),
+        (lambda: png_bytes(chest_u8(300).astype(np.uint16) * 257), "image/png"),
+        (lambda: jpeg_bytes(chest_u8(600)), "image/jpeg"),
+        (lambda: dicom_bytes("RG1_UNCR.dcm"), "application/dicom"),
+        (lambda: dicom_bytes("RG1_J2KR.dcm"), "application/dicom"),
+    ],
+    ids=["png8", "png16", "jpeg", "dicom", "dicom-j2k"],
+)
+def test_scores_each_format(server: str, make, content_type: str) -> None:  # type: ignore[no-untyped-def]
+    response = post(server, make(), content_type)
+    assert response.status_code == 200, response.text
+    assert_prediction(response.json())
+
+
+def test_j2k_and_uncompressed_twins_score_identically(server: str) -> None:
+    a = post(server, dicom_bytes("RG1_UNCR.dcm"), "application/dicom").json()
+    b = post(server, dicom_bytes("RG1_J2KR.dcm"), "application/dicom").json()
+    assert [f["probability"] for f in a["findings"]] == pytest.approx(
+        [f["probability"] for f in b["findings"]], abs=1e-6
+    )
+
+
+def test_multipart_upload_and_priority_and_request_id(server: str) -> None:
+    response = httpx.post(
+        f"{server}/v1/predict",
+        files={"file": ("chest.png", png_bytes(chest_u8(128)), "image/png")},
+        params={"priority": "stat", "model": "densenet121-nih14"},
+        headers={"X-Request-ID": "ris-order-42"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["priority"] == "stat" and body["request_id"] == "ris-order-42"
+
+
+def test_lateral_dicom_scores_with_a_warning(server: str) -> None:
+    ds = pydicom.dcmread(dicom_path("RG1_UNCR.dcm"))
+    ds.ViewPosition = "LL"
+    body = post(server, dataset_bytes(ds), "application/dicom").json()
+    assert any("lateral" in w for w in body["warnings"])
+
+
+def truncated_png() -> bytes:
+    data = png_bytes(chest_u8(256))
+    return data[: len(data) // 2]
+
+
+def no_pixels() -> bytes:
+    ds = pydicom.dcmread(dicom_path("RG1_UNCR.dcm"))
+    del ds.PixelData
+    return dataset_bytes(ds)
+
+
+BAD_INPUTS = [
+    ("text", lambda: b"just some text", "image/png", {}, 422, "not_an_image"),
+    ("empty", lambda: b"", "image/png", {}, 400, "bad_request"),
+    ("gif-type", lambda: b"GIF89a", "image/gif", {}, 415, "unsupported_media_type"),
+    ("truncated", truncated_png, "image/png", {}, 422, "corrupt_image"),
+    (
+        "truncated-dicom",
+        lambda: dicom_bytes("RG1_UNCR.dcm")[:300000],
+        "application/dicom",
+        {},
+        422,
+        "corrupt_image",
+    ),
+    ("multi-frame", lambda: dicom_bytes("emri_small.dcm"), "application/dicom", {}, 422, "multi_frame"),
+    (
+        "palette",
+        lambda: dicom_bytes("OBXXXX1A_rle.dcm"),
+        "application/dicom",
+        {},
+        422,
+        "unsupported_photometric",
+    ),
+    ("no-pixels", no_pixels, "application/dicom", {}, 422, "pixel_data_missing"),
+    (
+        "unknown-model",
+        lambda: png_bytes(chest_u8(64)),
+        "image/png",
+        {"model": "nope"},
+        404,
+        "model_not_found",
+    ),
+    ("bad-priority", lambda: png_bytes(chest_u8(64)), "image/png", {"priority": "asap"}, 400, "bad_request"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "content_type", "params", "status", "code"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_gets_its_error_and_the_server_keeps_serving(  # type: ignore[no-untyped-def]
+    server: str, make, content_type: str, params: dict, status: int, code: str
+) -> None:
+    response = post(server, make(), content_type, **params)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and len(error["message"]) > 10
+    assert post(server, png_bytes(chest_u8(64)), "image/png").status_code == 200
+
+
+def test_multipart_without_file_part_is_400(server: str) -> None:
+    response = httpx.post(f"{server}/v1/predict", files={"image": ("a.png", b"x", "image/png")}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
+def test_decompression_bomb_is_413(server: str) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(buf, format="PNG")
+    response = post(server, buf.getvalue(), "image/png")
+    assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"
+
+
+def test_concurrent_requests_share_engine_calls_and_a_bad_one_fails_alone(server: str) -> None:
+    good = png_bytes(chest_u8(64))
+    bodies = [(good, "image/png")] * 7 + [(truncated_png(), "image/png")]
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: post(server, *b), bodies))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 7 + [422]
+    assert max(r.json()["batch_size"] for r in responses[:7]) > 1, "requests were not batched"
+
+
+def test_models_route_lists_labels_versions_and_provenance(server: str) -> None:
+    body = httpx.get(f"{server}/v1/models", timeout=10).json()
+    by_name = {m["name"]: m for m in body["models"]}
+    dense = by_name["densenet121-nih14"]
+    assert dense["default"] is True and dense["labels"][0] == NIH14_FIRST and len(dense["labels"]) == 14
+    assert dense["versions"][0]["weights"] == "untrained" and dense["versions"][0]["serving"] is True
+    assert by_name["vit-b16-nih14"]["versions"] == []
+
+
+def test_probes_and_openapi(server: str) -> None:
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    ready = httpx.get(f"{server}/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["models"] == ["densenet121-nih14"]
+    paths = httpx.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    assert {"/v1/predict", "/v1/models", "/health", "/ready", "/metrics"} <= set(paths)
+
+
+def test_metrics_count_requests_batches_and_errors(server: str) -> None:
+    post(server, b"junk", "image/png")
+    post(server, png_bytes(chest_u8(64)), "image/png")
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    for name in (
+        'cxr_triage_requests_total{method="POST",route="/v1/predict",status="200"}',
+        'cxr_triage_errors_total{code="not_an_image"}',
+        "cxr_triage_batch_size_bucket",
+        "cxr_triage_inference_seconds_bucket",
+        'cxr_triage_preprocess_seconds_bucket{format="png"',
+        'cxr_triage_model_info{backend="onnxruntime-cpu",model="densenet121-nih14"',
+    ):
+        assert name in text, name
+    assert "RG1" not in text and "1.3.6.1" not in text  # no UIDs or file names in metrics
+
+
+def test_unknown_route_is_json_404(server: str) -> None:
+    response = httpx.get(f"{server}/v1/nothing-here", timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"

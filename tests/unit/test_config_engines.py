@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from pydantic import ValidationError
+
+from cxr_triage.config import Settings
+from cxr_triage.engines import Engine, OnnxEngine, choose_providers
+
+
+def test_defaults_bind_loopback_8000(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("CXR_HOST", "CXR_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert (s.host, s.port, s.backend) == ("127.0.0.1", 8000, "auto")
+
+
+def test_env_overrides_and_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_PORT", "9123")
+    monkeypatch.setenv("CXR_MODELS", '["densenet121-nih14"]')
+    s = Settings()
+    assert s.port == 9123 and s.models == ["densenet121-nih14"]
+    monkeypatch.setenv("CXR_HOST", "10.1.2.3")
+    with pytest.raises(ValidationError, match="CXR_HOST"):
+        Settings()
+
+
+def test_provider_choice_prefers_accelerators_and_always_keeps_cpu() -> None:
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("auto", everything) == everything
+    assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers("cuda", everything) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("tensorrt", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def tiny_onnx(path: Path, labels: int = 3) -> Path:
+    """Global average pool -> Gemm -> Sigmoid: enough to check the engine's plumbing."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, labels], np.eye(3, labels).ravel().tolist())
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", labels])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_engine_runs_any_batch_size(tmp_path: Path) -> None:
+    engine = OnnxEngine(tiny_onnx(tmp_path / "m.onnx"), "auto", intra_op_threads=1)
+    assert isinstance(engine, Engine) and engine.backend == "onnxruntime-cpu"
+    for n in (1, 5):
+        x = np.zeros((n, 3, 16, 16), dtype=np.float32)
+        x[:, 1] = 2.0
+        out = engine.run(x)
+        assert out.shape == (n, 3)
+        np.testing.assert_allclose(out[:, 1], 1 / (1 + np.exp(-2.0)), rtol=1e-6)

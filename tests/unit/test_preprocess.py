@@ -1,0 +1,30 @@
+import numpy as np
+
+from cxr_triage.imaging import resize_for_model, to_batch
+from cxr_triage.repository.models import InputSpec
+
+
+def test_letterbox_keeps_aspect_and_pads_black() -> None:
+    tall = np.ones((200, 100), dtype=np.float32)
+    out = resize_for_model(tall, InputSpec(size=64, resize="letterbox"))
+    assert out.shape == (64, 64)
+    assert out[:, :14].max() == 0.0 and out[:, -14:].max() == 0.0  # side bands
+    np.testing.assert_allclose(out[:, 20:44], 1.0, atol=1e-5)
+
+
+def test_squash_fills_the_square() -> None:
+    out = resize_for_model(np.ones((200, 100), dtype=np.float32), InputSpec(size=64, resize="squash"))
+    np.testing.assert_allclose(out, 1.0, atol=1e-5)
+
+
+def test_downsizing_is_antialiased() -> None:
+    stripes = np.tile(np.array([0.0, 1.0], dtype=np.float32), (512, 256))  # 1-pixel stripes
+    out = resize_for_model(stripes, InputSpec(size=64, resize="squash"))
+    assert abs(float(out.mean()) - 0.5) < 0.02 and float(out.std()) < 0.05
+
+
+def test_to_batch_normalises_each_channel() -> None:
+    spec = InputSpec(size=16, channels=3, mean=(0.5, 0.4, 0.3), std=(0.5, 0.25, 0.1))
+    batch = to_batch([np.full((16, 16), 0.5, dtype=np.float32)] * 2, spec)
+    assert batch.shape == (2, 3, 16, 16) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[0, :, 0, 0], [0.0, 0.4, 2.0], atol=1e-6)
