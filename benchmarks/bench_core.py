@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -47,7 +47,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "densenet121-nih14"
 BATCHES = (1, 8)
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which the machine counts as busy
+BUSY_OTHER_CORES = 0.2  # CPU cores other processes may take during a phase before it is flagged
 console = Console()
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- plan and results
@@ -107,6 +109,7 @@ class ServedStats:
     seconds: float = 0.0
     client_cpu_s: float = 0.0
     server_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0
 
     def record(self, response: httpx.Response) -> None:
         if response.status_code != 200:
@@ -129,7 +132,7 @@ class Results:
     engines: list[Throughput] = field(default_factory=list)
     decodes: list[DecodeTiming] = field(default_factory=list)
     served: ServedStats | None = None
-    notes: list[str] = field(default_factory=list)
+    other_cores: dict[str, float] = field(default_factory=dict)  # phase -> CPU used by other processes
 
     def engine(self, name: str, batch: int) -> Throughput | None:
         return next((t for t in self.engines if t.engine == name and t.batch == batch), None)
@@ -240,6 +243,35 @@ def machine_rows(load: float) -> list[tuple[str, str]]:
         ("load average (1 min) at start", f"{load:.2f} — {state}"),
         ("CXR_* overrides", ", ".join(cxr_overrides()) or "none (server defaults)"),
     ]
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    wall: float
+    busy: float  # whole machine: CPU seconds not idle since boot
+    client: float  # this process, every thread
+    server: float  # the server's process group, when one runs
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq) since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = values
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(server_pgid: int | None = None) -> CpuSnapshot:
+    server = group_cpu_seconds(server_pgid) if server_pgid else 0.0
+    return CpuSnapshot(time.perf_counter(), machine_busy_seconds(), time.process_time(), server)
+
+
+def other_cores(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """Mean CPU cores used by processes other than this benchmark (and its server) in between."""
+    own = (after.client - before.client) + (after.server - before.server)
+    return max(0.0, after.busy - before.busy - own) / max(after.wall - before.wall, 1e-9)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -493,14 +525,13 @@ def bench_served(config: ModelConfig, plan: Plan, progress: Progress) -> ServedS
     images, concurrency = small_pngs(), config.batching.max_batch_size
     with running_server() as (url, pgid):
         asyncio.run(drive(url, images, concurrency, plan.served_warmup, progress, "served warm-up"))
-        cpu0, server0 = time.process_time(), group_cpu_seconds(pgid)
-        stats = asyncio.run(
-            drive(
-                url, images, concurrency, plan.duration, progress, f"served POST /v1/predict x{concurrency}"
-            )
-        )
-        stats.client_cpu_s = time.process_time() - cpu0
-        stats.server_cpu_s = group_cpu_seconds(pgid) - server0
+        label = f"served POST /v1/predict x{concurrency}"
+        before = cpu_snapshot(pgid)
+        stats = asyncio.run(drive(url, images, concurrency, plan.duration, progress, label))
+        after = cpu_snapshot(pgid)
+    stats.client_cpu_s = after.client - before.client
+    stats.server_cpu_s = after.server - before.server
+    stats.other_cpu_s = other_cores(before, after) * (after.wall - before.wall)
     return stats
 
 
@@ -512,8 +543,17 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def machine_section(load: float) -> list[str]:
-    return ["## Machine", "", *table(["", ""], [[k, v] for k, v in machine_rows(load)]), ""]
+def machine_section(load: float, results: Results) -> list[str]:
+    rows = [[k, v] for k, v in machine_rows(load)] + [["CPU taken by other processes", other_load(results)]]
+    return ["## Machine", "", *table(["", ""], rows), ""]
+
+
+def other_load(results: Results) -> str:
+    """Per phase, the mean CPU cores used by processes other than the benchmark and its server."""
+    parts = [f"{phase} {cores:.2f}" for phase, cores in results.other_cores.items()]
+    busy = [phase for phase, cores in results.other_cores.items() if cores > BUSY_OTHER_CORES]
+    verdict = f"**machine was busy during: {', '.join(busy)}**" if busy else "quiet"
+    return f"{', '.join(parts)} (cores, mean per phase) — {verdict}"
 
 
 def engine_section(results: Results) -> list[str]:
@@ -625,7 +665,7 @@ def render(results: Results, config: ModelConfig, plan: Plan, load: float, start
         f"{started:%Y-%m-%d %H:%M} UTC · commit {git_commit()} · mode: {mode} · "
         f"{plan.duration:g} s per throughput measurement, {plan.repeats} decode repeats",
         "",
-        *machine_section(load),
+        *machine_section(load, results),
         *engine_section(results),
         *decode_section(results, plan),
         *served_section(results, config, plan),
@@ -651,14 +691,27 @@ def run_all(config: ModelConfig, engine_path: Path, plan: Plan) -> Results:
     results = Results()
     inputs = engine_inputs(config)
     with new_progress() as progress:
-        results.engines += bench_onnx(engine_path, inputs, plan, progress)
+        results.engines += metered(
+            results, "ONNX Runtime", lambda: bench_onnx(engine_path, inputs, plan, progress)
+        )
         gc.collect()
         if not plan.skip_torch:
-            results.engines += bench_torch(config, inputs, plan, progress)
-        results.decodes = bench_decode(config, plan, progress)
+            results.engines += metered(
+                results, "PyTorch", lambda: bench_torch(config, inputs, plan, progress)
+            )
+        results.decodes = metered(results, "decode", lambda: bench_decode(config, plan, progress))
         if not plan.skip_server:
-            results.served = bench_served(config, plan, progress)
+            results.served = served = bench_served(config, plan, progress)
+            results.other_cores["served"] = served.other_cpu_s / served.seconds
     return results
+
+
+def metered(results: Results, phase: str, fn: Callable[[], T]) -> T:
+    """Run one phase, noting how much CPU other processes took meanwhile."""
+    before = cpu_snapshot()
+    out = fn()
+    results.other_cores[phase] = other_cores(before, cpu_snapshot())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,12 +7,13 @@ from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cxr_triage.config import Settings
 from cxr_triage.errors import CxrError
 
 app = typer.Typer(help="Chest X-ray triage service.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(**overrides: object) -> Settings:
@@ -20,7 +21,7 @@ def _settings(**overrides: object) -> Settings:
 
 
 def _fail(exc: CxrError) -> None:
-    console.print(f"[bold red]error[/] ({exc.code}): {exc.message}")
+    console.print(Text.assemble(("error", "bold red"), f" ({exc.code}): {exc.message}"))
     raise typer.Exit(2)
 
 

@@ -43,7 +43,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
             if isinstance(state.get(key), dict):
                 state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ExportError(f"{path.name} does not fit this architecture: {str(exc)[:400]}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(
             f"{path.name} does not fit this architecture: missing {result.missing_keys[:5]}, "
