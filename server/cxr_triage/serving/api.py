@@ -21,7 +21,7 @@ from cxr_triage.errors import CxrError
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics
 from cxr_triage.repository import ModelEntry, ModelRepository, VersionEntry
-from cxr_triage.schemas import UNTRAINED_WARNING
+from cxr_triage.schemas import UNTRAINED_WARNING, PredictResponse
 from cxr_triage.serving.intake import ScoringRequest, read_upload
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.triage import abnormality_score, score_findings, triage_class
@@ -78,6 +78,12 @@ class TriageAPI(ls.LitAPI):
 
     def decode_request(self, request: Annotated[ScoringRequest, Depends(read_upload)]) -> ScoringRequest:
         return request
+
+    def encode_response(self, output: Any) -> PredictResponse:
+        # Not called by TriageLoop (outcomes are built in score_batch); its return annotation
+        # is what LitServe uses as the route's response model, so /openapi.json documents
+        # and FastAPI validates the API.md response shape.
+        return PredictResponse.model_validate(output)
 
     def predict(self, x: Any) -> Any:  # LitAPI requires it; TriageLoop calls score_batch instead
         return self.score_batch(x)

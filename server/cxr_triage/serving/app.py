@@ -13,7 +13,7 @@ from cxr_triage.schemas import UNTRAINED_WARNING
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
-from cxr_triage.serving.routes import build_router, install_request_metrics
+from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def build_service(settings: Settings) -> Service:
     app.include_router(build_router(intake, lambda: _workers_problem(server)))
     install_error_handlers(app)
     install_request_metrics(app)
+    document_predict(app)
     return Service(server=server, intake=intake)
 
 

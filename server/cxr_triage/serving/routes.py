@@ -4,6 +4,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
 
 from cxr_triage.engines.onnx import backend_name, choose_providers
 from cxr_triage.errors import NotReady
@@ -75,6 +76,46 @@ def list_models(intake: Intake) -> ModelsResponse:
             )
         )
     return ModelsResponse(models=out)
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+_PREDICT_ERRORS = {
+    "400": "malformed request (empty body, no `file` part, bad query value)",
+    "404": "unknown model",
+    "413": "body or decoded image too large",
+    "415": "unsupported Content-Type",
+    "422": "image that cannot be scored (not an image, corrupt, multi-frame, photometric…)",
+    "503": "not ready",
+    "504": "timed out in the queue",
+}
+
+
+def document_predict(app: FastAPI) -> None:
+    """Describe LitServe's /v1/predict route in the OpenAPI schema: raw image bodies and errors."""
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path == "/v1/predict":
+            route.summary = "Score one radiograph synchronously"
+            route.openapi_extra = {
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "image/png": _BINARY,
+                        "image/jpeg": _BINARY,
+                        "application/dicom": _BINARY,
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"file": {"type": "string", "format": "binary"}},
+                                "required": ["file"],
+                            }
+                        },
+                    },
+                }
+            }
+            route.responses = {
+                code: {"description": text, **_ERROR} for code, text in _PREDICT_ERRORS.items()
+            }
 
 
 def install_request_metrics(app: FastAPI) -> None:
