@@ -489,10 +489,15 @@ async def client_worker(
 ) -> None:
     i = first
     while time.perf_counter() < deadline:
-        response = await client.post(
-            url, content=images[i % len(images)], headers={"content-type": "image/png"}
-        )
-        stats.record(response)
+        try:
+            response = await client.post(
+                url, content=images[i % len(images)], headers={"content-type": "image/png"}
+            )
+        except httpx.HTTPError as exc:  # counted, not fatal: a failing server shows in the table
+            stats.other[type(exc).__name__] += 1
+            await asyncio.sleep(0.1)
+        else:
+            stats.record(response)
         i += 1
 
 

@@ -20,7 +20,7 @@ from cxr_triage.engines import Engine, OnnxEngine
 from cxr_triage.errors import CxrError
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics
-from cxr_triage.repository import ModelEntry, ModelRepository, VersionEntry
+from cxr_triage.repository import BatchingSpec, ModelEntry, ModelRepository, VersionEntry
 from cxr_triage.schemas import UNTRAINED_WARNING, PredictResponse
 from cxr_triage.serving.intake import ScoringRequest, read_upload
 from cxr_triage.serving.loop import TriageLoop
@@ -44,9 +44,7 @@ class LoadedModel:
 class TriageAPI(ls.LitAPI):
     """Scores batches of prepared radiographs; see ``score_batch``."""
 
-    def __init__(self, settings: Settings, served: Sequence[str], default_model: str) -> None:
-        repo = ModelRepository.load(settings.model_repo, settings.default_model, check_engines=False)
-        batching = repo.get(default_model).config.batching
+    def __init__(self, settings: Settings, served: Sequence[str], batching: BatchingSpec) -> None:
         super().__init__(
             max_batch_size=batching.max_batch_size,
             batch_timeout=batching.batch_timeout_ms / 1000.0,
@@ -95,16 +93,13 @@ class TriageAPI(ls.LitAPI):
         that item gets.
         """
         started = time.monotonic()
-        outcomes: list[Outcome | None] = [None] * len(items)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, item in enumerate(items):
             groups[item.model].append(i)
+        outcomes: dict[int, Outcome] = {}
         for name, idx in groups.items():
-            for i, outcome in zip(
-                idx, self._score_group(name, [items[i] for i in idx], started), strict=True
-            ):
-                outcomes[i] = outcome
-        return [o if o is not None else CxrError("no result") for o in outcomes]
+            outcomes.update(zip(idx, self._score_group(name, [items[i] for i in idx], started), strict=True))
+        return [outcomes[i] for i in range(len(items))]
 
     def _score_group(self, name: str, items: list[ScoringRequest], started: float) -> list[Outcome]:
         model = self.models[name]

@@ -55,7 +55,7 @@ def build_service(settings: Settings) -> Service:
         version = repo.models[name].latest
         if version is not None and version.metadata.weights == "untrained":
             log.warning("%s version %s: %s", name, version.version, UNTRAINED_WARNING.upper())
-    api = TriageAPI(settings, served, repo.default_model)
+    api = TriageAPI(settings, served, repo.get(None).config.batching)
     server = ls.LitServer(
         api,
         accelerator="cpu",
