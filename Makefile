@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEFAULT_MODEL ?= densenet121-nih14
 ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
 
-.PHONY: serve test lint typecheck unit integration bench engine clean help
+.PHONY: serve test lint typecheck services bench engine clean help
 
 help:
 	@echo "make serve   start the service on 127.0.0.1:8000 (embedded defaults, CPU engine)"
@@ -36,6 +36,12 @@ endif
 serve: engine
 	$(BIN)/cxr-triage serve
 
+# Real services the tests start themselves (Debian packages; nothing is left running).
+services:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends redis-server; }
+
 lint: $(VENV)/.dev
 	$(BIN)/ruff check server tests benchmarks
 	$(BIN)/ruff format --check server tests benchmarks
@@ -43,7 +49,7 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-test: $(VENV)/.dev lint typecheck
+test: $(VENV)/.dev services lint typecheck
 	$(BIN)/pytest -q
 
 bench: engine $(VENV)/.dev

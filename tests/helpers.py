@@ -137,3 +137,47 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     # Workers live in the same session: make sure none outlives the test.
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def require_binary(name: str, package: str) -> str:
+    """Path of a service binary; skip without it, unless CI demands every service."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CXR_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{name} is missing: apt-get install {package} (make services)")
+        pytest.skip(f"{name} is missing: apt-get install {package}")
+    return path
+
+
+@contextmanager
+def redis_server(data_dir: Path, appendonly: bool = False, port: int | None = None) -> Iterator[str]:
+    """A Debian redis-server on 127.0.0.1; yields its URL."""
+    binary = require_binary("redis-server", "redis-server")
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(data_dir)]
+    args += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_redis(url, proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _wait_redis(url: str, proc: subprocess.Popen[bytes]) -> None:
+    import redis
+
+    for _ in range(100):
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}")
+        with suppress(redis.RedisError):
+            if redis.Redis.from_url(url).ping():
+                return
+        time.sleep(0.05)
+    raise TimeoutError("redis-server did not start")

@@ -30,6 +30,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (rows x columns)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer is answered 504")
+    redis_url: str | None = Field(None, description="external Redis; default: embedded Redis under data_dir")
+    data_dir: Path = Field(Path("data"), description="embedded Redis data (append-only file)")
+    lease_s: float = Field(30.0, gt=0, description="a leased job not acknowledged in time is re-delivered")
+    max_attempts: int = Field(3, ge=1, description="deliveries before a job that keeps failing is failed")
+    max_queue: int = Field(512, ge=0, description="queued jobs above which synchronous requests get 429")
+    max_wait_s: dict[str, float] = Field(
+        default_factory=lambda: {"stat": 0.0, "urgent": 15.0, "routine": 60.0, "backfill": 600.0},
+        description="per priority class: how long newer higher-class jobs may overtake a job",
+    )
+    worklist_max_wait_s: float = Field(4 * 3600.0, gt=0, description="no unread study waits much longer")
     metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -40,6 +50,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CXR_HOST must be 127.0.0.1 (default), 0.0.0.0 or :: (LitServe binds only these)"
             )
+        return v
+
+    @field_validator("max_wait_s")
+    @classmethod
+    def _every_class(cls, v: dict[str, float]) -> dict[str, float]:
+        order = ["stat", "urgent", "routine", "backfill"]
+        if sorted(v) != sorted(order) or any(x < 0 for x in v.values()):
+            raise ValueError(f"CXR_MAX_WAIT_S needs a non-negative number of seconds for each of {order}")
+        if [v[k] for k in order] != sorted(v[k] for k in order):
+            raise ValueError("CXR_MAX_WAIT_S must not decrease from stat to backfill")
         return v
 
     def resolved_decode_workers(self) -> int:

@@ -21,10 +21,12 @@ class FindingOut(BaseModel):
     probability: float = Field(..., ge=0, le=1)
     threshold: float = Field(..., gt=0, lt=1, description="operating point")
     positive: bool
+    critical: bool = Field(False, description="a positive call on this label makes the study critical")
 
 
 class PredictResponse(BaseModel):
     request_id: str
+    job_id: str
     model: ModelRef
     findings: list[FindingOut] = Field(..., description="every label of the model, in its label order")
     abnormality_score: float = Field(..., ge=0, le=1, description=">= 0.5 iff some finding is positive")
@@ -57,6 +59,21 @@ class ModelOut(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelOut]
+
+
+class StudyAccepted(BaseModel):
+    job_id: str
+    study_uid: str
+    instance_uid: str
+    status_url: str
+    duplicate: bool = Field(..., description="this instance was already queued or scored; not scored again")
+    priority: Priority
+    request_id: str
+
+
+class ReportIn(BaseModel):
+    labels: dict[str, bool] = Field(..., description="final label per finding, e.g. {'Effusion': true}")
+    reader: str = Field(..., min_length=1, max_length=128, description="who read the study")
 
 
 class ErrorDetail(BaseModel):

@@ -1,31 +1,29 @@
 """The inference worker's batch scoring, in process: one engine call per batch, failures isolated."""
 
-import time
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from cxr_triage.config import Settings
 from cxr_triage.errors import CxrError
 from cxr_triage.imaging import ModelInput
+from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import BatchingSpec
 from cxr_triage.serving.api import TriageAPI
-from cxr_triage.serving.intake import ScoringRequest
 
 
-def request(pixels: np.ndarray, rid: str) -> ScoringRequest:
-    return ScoringRequest(
-        request_id=rid,
-        model="densenet121-nih14",
-        priority="routine",
-        input=ModelInput(pixels=pixels, source="png", warnings=[], decode_ms=1.0),
-        accepted_at=time.monotonic(),
-        preprocess_ms=1.0,
-    )
+def submit(q: JobQueue, pixels: np.ndarray, rid: str) -> str:
+    item = ModelInput(pixels=pixels, source="png", warnings=[], decode_ms=1.0)
+    return q.submit(NewJob("densenet121-nih14", "routine", item, rid)).job_id
 
 
-def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(exported_repo: Path) -> None:
-    api = TriageAPI(Settings(model_repo=exported_repo), ["densenet121-nih14"], BatchingSpec())
+def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
+    exported_repo: Path, embedded_redis: str
+) -> None:
+    redis.Redis.from_url(embedded_redis).flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis)
+    api = TriageAPI(settings, ["densenet121-nih14"], BatchingSpec(max_batch_size=8))
     api.setup("cpu")
     calls: list[int] = []
     engine = api.models["densenet121-nih14"].engine
@@ -37,14 +35,18 @@ def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(exported_rep
 
     engine.run = counting_run  # type: ignore[method-assign]
     good = np.random.default_rng(0).random((64, 64), dtype=np.float32)
-    outcomes = api.score_batch([request(good, "a"), request(good, "b"), request(good, "c")])
-    assert calls == [3] and [o["request_id"] for o in outcomes] == ["a", "b", "c"]  # type: ignore[index]
-    assert all(o["batch_size"] == 3 for o in outcomes)  # type: ignore[index]
+    for rid in "abc":
+        submit(api.queue, good, rid)
+    stored = api.run_batch()
+    assert calls == [3] and [o["request_id"] for _, o in stored] == ["a", "b", "c"]
+    assert all(o["batch_size"] == 3 for _, o in stored)
 
     calls.clear()
-    wrong_size = np.zeros((32, 48), dtype=np.float32)
-    outcomes = api.score_batch([request(good, "a"), request(wrong_size, "bad"), request(good, "c")])
+    for rid, pixels in (("a", good), ("bad", np.zeros((32, 48), dtype=np.float32)), ("c", good)):
+        submit(api.queue, pixels, rid)
+    outcomes = api.score_batch(api.queue.lease(8, "test", 30))
     assert isinstance(outcomes[1], CxrError) and outcomes[1].status == 500
-    assert outcomes[0]["request_id"] == "a" and outcomes[2]["request_id"] == "c"  # type: ignore[index]
-    identical = outcomes[0]["findings"] == outcomes[2]["findings"]  # type: ignore[index]
-    assert identical, "same input, same scores"
+    first, third = outcomes[0], outcomes[2]
+    assert isinstance(first, dict) and isinstance(third, dict)
+    assert first["request_id"] == "a" and third["request_id"] == "c"
+    assert first["findings"] == third["findings"], "same input, same scores"

@@ -31,7 +31,15 @@ _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
 _PROJECTION_MODALITIES = {"CR", "DX"}
 _LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LATERAL", "LAT", "LEFT LATERAL", "RIGHT LATERAL"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+_KEPT_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "ViewPosition",
+    "RequestedProcedurePriority",
+)
 
 
 def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
@@ -50,7 +58,7 @@ def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
         source="dicom",
         bits=int(ds.BitsStored),
         warnings=_warnings(ds),
-        dicom={k: str(ds.get(k)) for k in _UID_KEYWORDS if ds.get(k) is not None},
+        dicom=_kept(ds),
     )
 
 
@@ -140,6 +148,15 @@ def _to_display(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         shown = 1.0 - shown  # MONOCHROME1: minimum value is white (PS3.3 C.7.6.3.1.2)
     return shown.astype(np.float32)
+
+
+def _kept(ds: Dataset) -> dict[str, str]:
+    """The few attributes later stages need (UIDs, view, priority). Never log them."""
+    out = {k: str(ds.get(k)) for k in _KEPT_KEYWORDS if ds.get(k) not in (None, "")}
+    requests = ds.get("RequestAttributesSequence") or []
+    if "RequestedProcedurePriority" not in out and requests and requests[0].get("RequestedProcedurePriority"):
+        out["RequestedProcedurePriority"] = str(requests[0].RequestedProcedurePriority)
+    return out
 
 
 def _warnings(ds: Dataset) -> list[str]:

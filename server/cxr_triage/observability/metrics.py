@@ -49,6 +49,13 @@ INFERENCE_SECONDS = Histogram(
     ["model", "version", "backend"],
     buckets=_LATENCY_BUCKETS,
 )
+QUEUE_DEPTH = Gauge(
+    "cxr_triage_queue_depth",
+    "Jobs waiting in the queue by priority class",
+    ["priority"],
+    multiprocess_mode="mostrecent",
+)
+JOBS_REDELIVERED = Counter("cxr_triage_jobs_redelivered_total", "Jobs re-delivered after a lease expired")
 MODEL_INFO = Gauge(
     "cxr_triage_model_info",
     "1 for each model version being served",

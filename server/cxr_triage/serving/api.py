@@ -4,7 +4,10 @@ Per LitServe's contract the API object is pickled into each inference worker, so
 holds configuration only and ``setup`` loads the repository and engines in the worker.
 """
 
+import json
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -17,14 +20,16 @@ from fastapi import Depends
 
 from cxr_triage.config import Settings
 from cxr_triage.engines import Engine, OnnxEngine
-from cxr_triage.errors import CxrError
+from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics
+from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
 from cxr_triage.repository import BatchingSpec, ModelEntry, ModelRepository, VersionEntry
 from cxr_triage.schemas import UNTRAINED_WARNING, PredictResponse
-from cxr_triage.serving.intake import ScoringRequest, read_upload
+from cxr_triage.serving.intake import Ticket, read_upload
 from cxr_triage.serving.loop import TriageLoop
-from cxr_triage.triage import abnormality_score, score_findings, triage_class
+from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
+from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
 
 log = logging.getLogger(__name__)
 Outcome = dict[str, Any] | CxrError
@@ -42,7 +47,7 @@ class LoadedModel:
 
 
 class TriageAPI(ls.LitAPI):
-    """Scores batches of prepared radiographs; see ``score_batch``."""
+    """Leases batches from the Redis queue, scores them, stores outcomes; see TriageLoop."""
 
     def __init__(self, settings: Settings, served: Sequence[str], batching: BatchingSpec) -> None:
         super().__init__(
@@ -54,6 +59,8 @@ class TriageAPI(ls.LitAPI):
         self.settings = settings
         self.served = list(served)
         self.models: dict[str, LoadedModel] = {}
+        self._first_ready: float | None = None
+        self._next_reap = 0.0
 
     def setup(self, device: str) -> None:
         repo = ModelRepository.load(
@@ -73,8 +80,11 @@ class TriageAPI(ls.LitAPI):
                 engine.backend,
                 version.metadata.weights,
             )
+        assert self.settings.redis_url, "build_service sets redis_url before workers start"
+        self.queue = JobQueue(RedisHandle(self.settings.redis_url).client(), self.settings.max_wait_s)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def decode_request(self, request: Annotated[ScoringRequest, Depends(read_upload)]) -> ScoringRequest:
+    def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
         return request
 
     def encode_response(self, output: Any) -> PredictResponse:
@@ -83,77 +93,131 @@ class TriageAPI(ls.LitAPI):
         # and FastAPI validates the API.md response shape.
         return PredictResponse.model_validate(output)
 
-    def predict(self, x: Any) -> Any:  # LitAPI requires it; TriageLoop calls score_batch instead
-        return self.score_batch(x)
+    def predict(self, x: Any) -> Any:  # LitAPI requires it; TriageLoop calls run_batch instead
+        raise NotImplementedError("TriageLoop scores through run_batch")
 
-    def score_batch(self, items: Sequence[ScoringRequest]) -> list[Outcome]:
-        """Score a batch: one engine call per model; a failing input fails alone.
+    # --- the loop's hooks ---------------------------------------------------------------------
 
-        Returns one outcome per item, in order: the API.md response dict, or the CxrError
-        that item gets.
+    def batch_wait(self) -> float | None:
+        """None: nothing queued. 0: lease a batch now. >0: seconds left in the batch window."""
+        ready = self.queue.ready()
+        if ready == 0:
+            self._first_ready = None
+            return None
+        now = time.monotonic()
+        if self._first_ready is None:
+            self._first_ready = now
+        if ready >= self.max_batch_size:
+            return 0.0
+        return max(0.0, self._first_ready + self.batch_timeout - now)
+
+    def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
+        """Lease, score and store one batch; returns the outcomes this worker stored."""
+        self._first_ready = None
+        jobs = self.queue.lease(self.max_batch_size, self.worker, self.settings.lease_s)
+        stored = []
+        for job, outcome in zip(jobs, self.score_batch(jobs), strict=True):
+            body = (
+                outcome
+                if isinstance(outcome, dict)
+                else {"error": {**outcome.to_dict(), "status": outcome.status}}
+            )
+            failed = not isinstance(outcome, dict)
+            place = UNSCORED_PLACE if failed else place_of(body)
+            reason = f"unscored: {body['error']['message']}" if failed else place_reason(body)
+            if self.queue.complete(job, body, failed, place, reason):
+                stored.append((job.job_id, body))
+        return stored
+
+    def finished(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        """Outcomes of jobs (scored by any worker) that are done or failed."""
+        out = []
+        for job_id, status in zip(job_ids, self.queue.statuses(job_ids), strict=True):
+            if status in ("done", "failed"):
+                job = self.queue.jobs([job_id])[0]
+                out.append((job_id, json.loads(job["outcome"])))
+            elif status is None:
+                out.append(
+                    (job_id, {"error": {"code": "internal_error", "message": "job vanished", "status": 500}})
+                )
+        return out
+
+    def reap_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + min(1.0, self.settings.lease_s / 4)
+        requeued, failed = self.queue.reap(
+            self.settings.max_attempts, UNSCORED_PLACE, "unscored: worker lost"
+        )
+        if requeued or failed:
+            metrics.JOBS_REDELIVERED.inc(requeued)
+            log.warning("re-delivered %d jobs whose lease expired; failed %d", requeued, failed)
+
+    # --- scoring ------------------------------------------------------------------------------
+
+    def score_batch(self, jobs: Sequence[LeasedJob]) -> list[Outcome]:
+        """Score leased jobs: one engine call per model; a failing input fails alone.
+
+        Returns one outcome per job, in order: the API.md response dict, or its CxrError.
         """
-        started = time.monotonic()
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[item.model].append(i)
+        for i, job in enumerate(jobs):
+            groups[job.model].append(i)
         outcomes: dict[int, Outcome] = {}
         for name, idx in groups.items():
-            outcomes.update(zip(idx, self._score_group(name, [items[i] for i in idx], started), strict=True))
-        return [outcomes[i] for i in range(len(items))]
+            outcomes.update(zip(idx, self._score_group(name, [jobs[i] for i in idx]), strict=True))
+        return [outcomes[i] for i in range(len(jobs))]
 
-    def _score_group(self, name: str, items: list[ScoringRequest], started: float) -> list[Outcome]:
-        model = self.models[name]
+    def _score_group(self, name: str, jobs: list[LeasedJob]) -> list[Outcome]:
+        model = self.models.get(name)
+        if model is None:
+            return [NotReady(f"model {name} is not loaded by this worker") for _ in jobs]
         try:
-            probs, infer_s = self._run(model, items)
+            probs, infer_s = self._run(model, jobs)
         except Exception:
-            if len(items) == 1:
-                log.exception("engine failed on request %s", items[0].request_id)
-                return [CxrError("the engine failed on this image; it is logged with the request id")]
-            return [o for item in items for o in self._score_group(name, [item], started)]
-        return [
-            self._result(model, item, p, infer_s, len(items), started)
-            for item, p in zip(items, probs, strict=True)
-        ]
+            if len(jobs) == 1:
+                log.exception("engine failed on job %s", jobs[0].job_id)
+                return [CxrError("the engine failed on this image; it is logged with the job id")]
+            return [o for job in jobs for o in self._score_group(name, [job])]
+        return [self._result(model, job, p, infer_s, len(jobs)) for job, p in zip(jobs, probs, strict=True)]
 
-    def _run(self, model: LoadedModel, items: list[ScoringRequest]) -> tuple[Any, float]:
-        tensor = to_batch([it.input.pixels for it in items], model.entry.config.input)
+    def _run(self, model: LoadedModel, jobs: list[LeasedJob]) -> tuple[Any, float]:
+        if any(job.input is None for job in jobs):
+            raise ValueError("a job's payload is missing")
+        tensor = to_batch(
+            [job.input.pixels for job in jobs if job.input is not None], model.entry.config.input
+        )
         t0 = time.perf_counter()
         probs = model.engine.run(tensor)
         elapsed = time.perf_counter() - t0
         ref = model.ref
-        metrics.BATCH_SIZE.labels(ref["name"]).observe(len(items))
+        metrics.BATCH_SIZE.labels(ref["name"]).observe(len(jobs))
         metrics.INFERENCE_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).observe(elapsed)
         return probs, elapsed
 
     def _result(
-        self, model: LoadedModel, item: ScoringRequest, probs: Any, infer_s: float, batch: int, started: float
+        self, model: LoadedModel, job: LeasedJob, probs: Any, infer_s: float, batch: int
     ) -> dict[str, Any]:
         config = model.entry.config
         findings = score_findings(config.labels, probs, config.thresholds)
-        queue_s = max(0.0, started - item.accepted_at)
-        metrics.QUEUE_WAIT_SECONDS.labels(item.priority).observe(queue_s)
-        warnings = list(item.input.warnings)
+        queue_s = max(0.0, float(job.fields["leased_at"]) - float(job.fields["enqueued_at"]))
+        metrics.QUEUE_WAIT_SECONDS.labels(job.fields["priority"]).observe(queue_s)
+        warnings = list(job.input.warnings) if job.input else []
         if model.ref["weights"] == "untrained":
             warnings.insert(0, UNTRAINED_WARNING)
         return {
-            "request_id": item.request_id,
+            "request_id": job.fields["request_id"],
+            "job_id": job.job_id,
             "model": dict(model.ref),
-            "findings": [
-                {
-                    "label": f.label,
-                    "probability": f.probability,
-                    "threshold": f.threshold,
-                    "positive": f.positive,
-                }
-                for f in findings
-            ],
+            "findings": findings_out(findings, config.critical_findings),
             "abnormality_score": abnormality_score(findings),
             "triage": triage_class(findings, config.critical_findings),
-            "priority": item.priority,
+            "priority": job.fields["priority"],
             "warnings": warnings,
             "timing_ms": {
                 "queue": round(queue_s * 1000.0, 3),
-                "preprocess": round(item.preprocess_ms, 3),
+                "preprocess": round(job.input.decode_ms if job.input else 0.0, 3),
                 "inference": round(infer_s * 1000.0, 3),
             },
             "batch_size": batch,

@@ -8,12 +8,15 @@ from litserve.utils import WorkerSetupStatus
 
 from cxr_triage.config import Settings
 from cxr_triage.errors import RepositoryError
+from cxr_triage.queue import JobQueue, RedisHandle, connect
+from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import UNTRAINED_WARNING
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
+from cxr_triage.serving.study_routes import build_study_router
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 class Service:
     server: ls.LitServer
     intake: Intake
+    redis: RedisHandle  # holds the embedded Redis (if any) for the life of the service
 
     def run(self) -> None:
         s = self.intake.settings
@@ -51,6 +55,8 @@ def build_service(settings: Settings) -> Service:
     """Validate model_repo/ and build the server (not started). Raises RepositoryError."""
     repo = ModelRepository.load(settings.model_repo, settings.default_model)
     served = served_models(settings, repo)
+    handle = connect(settings)
+    settings = settings.model_copy(update={"redis_url": handle.url})
     for name in served:
         version = repo.models[name].latest
         if version is not None and version.metadata.weights == "untrained":
@@ -64,15 +70,18 @@ def build_service(settings: Settings) -> Service:
         healthcheck_path="/_litserve/health",
         info_path="/_litserve/info",
     )
-    intake = Intake(settings, repo, served)
+    client = handle.client()
+    intake = Intake(settings, repo, served, JobQueue(client, settings.max_wait_s))
+    studies = StudyStore(client, lambda name: repo.get(name).config.critical_findings)
     app = server.app
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
     app.include_router(build_router(intake, lambda: _workers_problem(server)))
+    app.include_router(build_study_router(intake, studies))
     install_error_handlers(app)
     install_request_metrics(app)
     document_predict(app)
-    return Service(server=server, intake=intake)
+    return Service(server=server, intake=intake, redis=handle)
 
 
 def _workers_problem(server: ls.LitServer) -> str | None:

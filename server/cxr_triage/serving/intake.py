@@ -13,17 +13,19 @@ import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 from fastapi import Query, Request
+from pydicom.uid import generate_uid
 from starlette.datastructures import UploadFile
 
 from cxr_triage import imaging
 from cxr_triage.config import Settings
-from cxr_triage.errors import BadRequest, CorruptImage, NotReady, PayloadTooLarge
+from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge
 from cxr_triage.imaging import ImageLimits, ModelInput
 from cxr_triage.observability import metrics
+from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import Priority
 
@@ -31,26 +33,37 @@ log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-@dataclass
-class ScoringRequest:
-    """What travels from the HTTP process to the inference worker (pickled by LitServe)."""
+@dataclass(frozen=True)
+class Ticket:
+    """What LitServe carries to the inference worker for a synchronous request: the job to wait on."""
 
+    job_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An upload decoded and queued."""
+
+    job_id: str
+    duplicate: bool
     request_id: str
     model: str
     priority: Priority
-    input: ModelInput
-    accepted_at: float  # time.monotonic(); CLOCK_MONOTONIC is system-wide on Linux
-    preprocess_ms: float
-    extras: dict[str, str] = field(default_factory=dict)
+    study_uid: str
+    instance_uid: str
 
 
 class Intake:
     """Per-HTTP-process state: settings, the repository's configs and the decoding pool."""
 
-    def __init__(self, settings: Settings, repository: ModelRepository, served: list[str]) -> None:
+    def __init__(
+        self, settings: Settings, repository: ModelRepository, served: list[str], queue: JobQueue
+    ) -> None:
         self.settings = settings
         self.repository = repository
         self.served = served
+        self.queue = queue
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_pid: int | None = None
@@ -90,36 +103,86 @@ class Intake:
             )
         return entry.name
 
+    async def accept(
+        self,
+        request: Request,
+        model: str | None,
+        priority: Priority | None,
+        track: bool,
+        uids: tuple[str, str] = ("", ""),
+    ) -> Accepted:
+        """Read, decode and queue one upload. ``track``: an asynchronous study for the worklist.
+
+        Raises:
+            BadRequest, PayloadTooLarge, UnsupportedMediaType, ModelNotFound, Overloaded (429,
+            synchronous only: accepted studies are never refused for load) and the image errors.
+        """
+        request_id = _request_id(request)
+        name = self.resolve_model(model)
+        data, media_type = await _read_image(request, self.limits.max_bytes)
+        if not track and self.queue.ready() >= self.settings.max_queue:
+            raise Overloaded(f"{self.settings.max_queue} jobs are queued; retry shortly (Retry-After)")
+        start = time.perf_counter()
+        prepared = await self.prepare(data, media_type, name)
+        metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
+        study_uid, instance_uid = _uids(prepared, uids) if track else ("", "")
+        job = NewJob(
+            model=name,
+            priority=priority or dicom_priority(prepared.dicom) or "routine",
+            input=prepared,
+            request_id=request_id,
+            study_uid=study_uid,
+            instance_uid=instance_uid,
+            track=track,
+        )
+        submitted = self.queue.submit(job)
+        return Accepted(
+            submitted.job_id, submitted.duplicate, request_id, name, job.priority, study_uid, instance_uid
+        )
+
+
+_PRIORITY_QUERY = Query(
+    None, description="stat | urgent | routine | backfill; default from DICOM, else routine"
+)
+_MODEL_QUERY = Query(None, description="model name; the default model when absent")
+
 
 async def read_upload(
-    request: Request,
-    model: str | None = Query(None, description="model name; the default model when absent"),
-    priority: Priority = Query("routine", description="stat | urgent | routine | backfill"),
-) -> ScoringRequest:
-    """FastAPI dependency behind ``POST /v1/predict``: body -> decoded ScoringRequest.
+    request: Request, model: str | None = _MODEL_QUERY, priority: Priority | None = _PRIORITY_QUERY
+) -> Ticket:
+    """FastAPI dependency behind LitServe's ``POST /v1/predict``: upload -> queued job -> Ticket.
 
     Accepts the image as the body (image/png, image/jpeg, application/dicom) or as the
     ``file`` part of multipart/form-data.
-
-    Raises:
-        BadRequest, PayloadTooLarge, UnsupportedMediaType, ModelNotFound and the image errors.
     """
     intake: Intake = request.app.state.intake
-    request_id = _request_id(request)
-    name = intake.resolve_model(model)
-    data, media_type = await _read_image(request, intake.limits.max_bytes)
-    start = time.perf_counter()
-    prepared = await intake.prepare(data, media_type, name)
-    elapsed = time.perf_counter() - start
-    metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(elapsed)
-    return ScoringRequest(
-        request_id=request_id,
-        model=name,
-        priority=priority,
-        input=prepared,
-        accepted_at=time.monotonic(),
-        preprocess_ms=elapsed * 1000.0,
-    )
+    accepted = await intake.accept(request, model, priority, track=False)
+    return Ticket(job_id=accepted.job_id, request_id=accepted.request_id)
+
+
+# DICOM Requested Procedure Priority (0040,1003), PS3.3 C.4.11: STAT, HIGH, ROUTINE, MEDIUM, LOW.
+_DICOM_PRIORITY: dict[str, Priority] = {
+    "STAT": "stat",
+    "HIGH": "urgent",
+    "ROUTINE": "routine",
+    "MEDIUM": "routine",
+    "LOW": "backfill",
+}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def dicom_priority(tags: dict[str, str]) -> Priority | None:
+    return _DICOM_PRIORITY.get(tags.get("RequestedProcedurePriority", "").strip().upper())
+
+
+def _uids(prepared: ModelInput, given: tuple[str, str]) -> tuple[str, str]:
+    """Study and instance UIDs: the DICOM file's own, else the caller's, else new ones."""
+    study = prepared.dicom.get("StudyInstanceUID") or given[0]
+    instance = prepared.dicom.get("SOPInstanceUID") or given[1]
+    for name, uid in (("study_uid", study), ("instance_uid", instance)):
+        if uid and (len(uid) > 64 or not _UID.match(uid)):
+            raise BadRequest(f"{name} {uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    return study or generate_uid(), instance or generate_uid()
 
 
 def _request_id(request: Request) -> str:

@@ -1,21 +1,51 @@
-"""The inference worker's loop: LitServe's batching, with per-request outcomes.
+"""The inference worker's loop: batches formed from the Redis priority queue.
 
-LitServe's stock batched loop answers a whole batch with the first exception any request
-raises. Here each request gets its own outcome, so one bad study never fails its neighbours.
-This loop is also the seam where later work forms batches in priority order.
+LitServe stays the HTTP server: a synchronous ``/v1/predict`` request arrives here as a
+Ticket (its job is already in Redis). The loop does not batch tickets in arrival order; it
+leases the most urgent jobs from Redis (``TriageAPI.next_batch``), whichever route queued
+them, scores them, and answers each ticket when its job has an outcome — whichever worker
+scored it. Tickets double as wake-ups: a new one means a new job.
 """
 
 import logging
+import time
+from queue import Empty
 from typing import Any
 
 from fastapi import HTTPException
-from litserve.loops.base import LitLoop, _StopLoopError
+from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from cxr_triage.errors import CxrError
 from cxr_triage.serving.http_errors import to_http_exception
 
 log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.02  # how long an idle worker sleeps before looking at Redis again
+POLL_OTHERS_S = 0.01  # how often tickets whose jobs another worker holds are checked
+
+
+class Waiting:
+    """Tickets of this worker's HTTP requests, by job id."""
+
+    def __init__(self) -> None:
+        self.by_job: dict[str, list[tuple[int, str, float]]] = {}
+
+    def add(self, queue_id: int, uid: str, job_id: str) -> None:
+        self.by_job.setdefault(job_id, []).append((queue_id, uid, time.monotonic()))
+
+    def pop(self, job_id: str) -> list[tuple[int, str, float]]:
+        return self.by_job.pop(job_id, [])
+
+    def expired(self, timeout: float) -> list[tuple[int, str]]:
+        cutoff, out = time.monotonic() - timeout, []
+        for job_id in list(self.by_job):
+            keep = [t for t in self.by_job[job_id] if t[2] >= cutoff]
+            out += [(q, u) for q, u, since in self.by_job[job_id] if since < cutoff]
+            if keep:
+                self.by_job[job_id] = keep
+            else:
+                del self.by_job[job_id]
+        return out
 
 
 class TriageLoop(LitLoop):
@@ -31,33 +61,49 @@ class TriageLoop(LitLoop):
         lit_spec: Any = None,
         stream: bool = False,
     ) -> None:
+        waiting, last_poll = Waiting(), 0.0
+        while True:
+            wait = lit_api.batch_wait()
+            if not self._take_tickets(request_queue, waiting, wait if wait is not None else IDLE_WAIT_S):
+                return
+            lit_api.reap_if_due()
+            if wait is not None and wait <= 0:
+                for job_id, outcome in lit_api.run_batch():
+                    self._answer(transport, waiting.pop(job_id), outcome)
+            if waiting.by_job and time.monotonic() - last_poll >= POLL_OTHERS_S:
+                last_poll = time.monotonic()
+                for job_id, outcome in lit_api.finished(list(waiting.by_job)):
+                    self._answer(transport, waiting.pop(job_id), outcome)
+            for queue_id, uid in waiting.expired(lit_api.request_timeout):
+                self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
+
+    def _take_tickets(self, request_queue: Any, waiting: Waiting, block_s: float) -> bool:
+        """Drain new tickets, blocking up to ``block_s`` for the first. False on shutdown."""
+        timeout: float | None = max(block_s, 0.0)
         while True:
             try:
-                batch, timed_out = self.get_batch_requests(lit_api, request_queue, transport)
-            except _StopLoopError:
-                return
-            for queue_id, uid in timed_out:
-                self._reply_error(
-                    transport, queue_id, uid, HTTPException(504, "request timed out in the queue")
-                )
-            if batch:
-                self._serve(lit_api, transport, batch)
+                item = request_queue.get(timeout=timeout) if timeout else request_queue.get_nowait()
+            except Empty:
+                return True
+            if item == _SENTINEL_VALUE:
+                return False
+            queue_id, uid, _, ticket = item
+            waiting.add(queue_id, uid, ticket.job_id)
+            timeout = None
 
-    def _serve(self, lit_api: Any, transport: Any, batch: list[tuple[int, str, Any]]) -> None:
-        queue_ids, uids, items = zip(*batch, strict=True)
-        try:
-            outcomes = lit_api.score_batch(list(items))
-        except Exception:
-            log.exception("batch of %d failed", len(items))
-            outcomes = [CxrError("internal error while scoring; it is logged")] * len(items)
-        for queue_id, uid, outcome in zip(queue_ids, uids, outcomes, strict=True):
-            if isinstance(outcome, CxrError):
-                self._reply_error(transport, queue_id, uid, to_http_exception(outcome))
+    def _answer(self, transport: Any, tickets: list[tuple[int, str, float]], outcome: dict[str, Any]) -> None:
+        for queue_id, uid, _ in tickets:
+            if "error" in outcome:
+                err = outcome["error"]
+                exc = to_http_exception(
+                    CxrError(err["message"], code=err["code"], status=err.get("status", 500))
+                )
+                self._reply(transport, queue_id, uid, exc)
             else:
                 self.put_response(
                     transport, queue_id, uid, outcome, LitAPIStatus.OK, LoopResponseType.REGULAR
                 )
 
-    def _reply_error(self, transport: Any, queue_id: int, uid: str, exc: HTTPException) -> None:
+    def _reply(self, transport: Any, queue_id: int, uid: str, exc: HTTPException) -> None:
         error = PickleableHTTPException.from_exception(exc)
         self.put_response(transport, queue_id, uid, error, LitAPIStatus.ERROR, LoopResponseType.REGULAR)

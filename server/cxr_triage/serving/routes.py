@@ -2,7 +2,9 @@
 
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 
+import redis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 
@@ -28,7 +30,7 @@ def build_router(intake: Intake, workers_problem: ReadyCheck) -> APIRouter:
         responses={503: {"model": ErrorResponse}},
     )
     async def ready() -> dict[str, object]:
-        problem = workers_problem()
+        problem = workers_problem() or _queue_problem(intake)
         if problem:
             raise NotReady(problem)
         await intake.warm()
@@ -40,10 +42,21 @@ def build_router(intake: Intake, workers_problem: ReadyCheck) -> APIRouter:
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
+        with suppress(redis.RedisError):
+            for priority, n in intake.queue.depth_by_priority().items():
+                metrics.QUEUE_DEPTH.labels(priority).set(n)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     return router
+
+
+def _queue_problem(intake: Intake) -> str | None:
+    try:
+        intake.queue.r.ping()
+    except redis.RedisError as exc:
+        return f"the Redis queue does not answer ({type(exc).__name__}); check CXR_REDIS_URL"
+    return None
 
 
 def list_models(intake: Intake) -> ModelsResponse:

@@ -40,6 +40,20 @@ def score_findings(
     return [Finding(lbl, float(p), thresholds[lbl]) for lbl, p in zip(labels, probabilities, strict=True)]
 
 
+def findings_out(findings: Sequence[Finding], critical: Sequence[str]) -> list[dict[str, object]]:
+    """The API.md ``findings`` list; ``critical`` marks the labels that make a study critical."""
+    return [
+        {
+            "label": f.label,
+            "probability": f.probability,
+            "threshold": f.threshold,
+            "positive": f.positive,
+            "critical": f.label in critical,
+        }
+        for f in findings
+    ]
+
+
 def abnormality_score(findings: Sequence[Finding]) -> float:
     """Study-level score in 0-1; >= 0.5 iff some finding is positive."""
     return max((f.margin_score for f in findings), default=0.0)

@@ -1,0 +1,147 @@
+"""The job queue: submit, lease in priority order, complete, re-deliver expired leases.
+
+Ordering is earliest deadline first: a job's deadline is its arrival time plus its class's
+maximum wait (``Settings.max_wait_s``: stat 0 s … backfill the longest). That is a priority
+that rises with waiting time: a backfill job that has waited its maximum ranks ahead of every
+stat job that arrives after that, so no class starves under a stream of another.
+
+Delivery is at least once, results exactly once: a leased job carries a token (its attempt
+number); a result is stored only while that token still holds the lease, so a worker that
+comes back after its lease expired and the job was re-delivered cannot store a second result.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from cxr_triage.imaging import ModelInput
+from cxr_triage.queue import payload, scripts
+from cxr_triage.schemas import PRIORITIES, Priority
+
+QUEUE, LEASES, STATS = b"cxr:queue", b"cxr:leases", b"cxr:stats"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    model: str
+    priority: Priority
+    input: ModelInput
+    request_id: str
+    study_uid: str = ""
+    instance_uid: str = ""
+    track: bool = False  # an asynchronous study: it goes on the worklist
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class LeasedJob:
+    job_id: str
+    token: int
+    input: ModelInput | None  # None when the payload is gone (should not happen; fails the job)
+    fields: dict[str, str]
+
+    @property
+    def model(self) -> str:
+        return self.fields["model"]
+
+
+def _text(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"payload"}
+
+
+class JobQueue:
+    def __init__(self, client: redis.Redis, max_wait_s: Mapping[str, float]) -> None:
+        self.r = client
+        self.max_wait_s = dict(max_wait_s)
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._lease = client.register_script(scripts.LEASE)
+        self._complete = client.register_script(scripts.COMPLETE)
+        self._reap = client.register_script(scripts.REAP)
+
+    def submit(self, job: NewJob, now: float | None = None) -> SubmitResult:
+        """Queue a job (atomically with its study and worklist entry). A repeated instance UID
+        for the same model returns the first job instead."""
+        now = time.time() if now is None else now
+        job_id = uuid.uuid4().hex
+        deadline = now + self.max_wait_s[job.priority]
+        instance_key = f"cxr:instance:{job.model}:{job.instance_uid}" if job.instance_uid else ""
+        fields = {
+            "job_id": job_id,
+            "model": job.model,
+            "priority": job.priority,
+            "request_id": job.request_id,
+            "instance_uid": job.instance_uid,
+        }
+        argv: list[Any] = [job_id, deadline, now, payload.dumps(job.input), instance_key, job.study_uid]
+        argv += ["1" if job.track else "0", PRIORITIES.index(job.priority)]
+        argv += [x for kv in fields.items() for x in kv]
+        created, existing = self._submit(args=argv)
+        return SubmitResult(job_id=existing.decode(), duplicate=not created)
+
+    def lease(self, n: int, worker: str, lease_s: float, now: float | None = None) -> list[LeasedJob]:
+        """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds."""
+        now = time.time() if now is None else now
+        rows = self._lease(args=[n, now, lease_s, worker])
+        out = []
+        for job_id, token, blob, flat in rows:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            item = payload.loads(blob) if blob else None
+            out.append(LeasedJob(job_id.decode(), int(token), item, _text(fields)))
+        return out
+
+    def complete(
+        self, job: LeasedJob, outcome: Mapping[str, Any], failed: bool, place: float, reason: str
+    ) -> bool:
+        """Store a job's outcome and raise its study's worklist place. False: the lease was stale."""
+        status = "failed" if failed else "done"
+        args = [job.job_id, job.token, status, json.dumps(outcome), time.time(), place, reason]
+        return bool(self._complete(args=args))
+
+    def reap(self, max_attempts: int, place: float, reason: str, now: float | None = None) -> tuple[int, int]:
+        """Re-queue expired leases; fail jobs that used up ``max_attempts``. Returns (requeued, failed)."""
+        now = time.time() if now is None else now
+        outcome = json.dumps(
+            {"error": {"code": "worker_lost", "message": f"scoring was interrupted {max_attempts} times"}}
+        )
+        requeued, failed = self._reap(args=[now, max_attempts, outcome, place, reason])
+        return int(requeued), int(failed)
+
+    def ready(self) -> int:
+        return int(self.r.zcard(QUEUE))
+
+    def depth_by_priority(self) -> dict[str, int]:
+        ids = self.r.zrange(QUEUE, 0, -1)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(b"cxr:job:" + job_id, "priority")
+        counts: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+        for p in pipe.execute():
+            if p is not None:
+                counts[p.decode()] = counts.get(p.decode(), 0) + 1
+        return counts
+
+    def jobs(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
+        """Each job's hash (status, outcome json, …); {} for an unknown id."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(f"cxr:job:{job_id}")
+        return [_text(h) for h in pipe.execute()]
+
+    def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(f"cxr:job:{job_id}", "status")
+        return [s.decode() if s else None for s in pipe.execute()]
+
+    def redelivered(self) -> int:
+        return int(self.r.hget(STATS, "redelivered") or 0)

@@ -1,0 +1,117 @@
+"""Lua scripts: every multi-step change to the queue is one atomic script (Redis 6.2 EVALSHA).
+
+Key names are built inside the scripts from the ``cxr:`` prefix, which is right for one Redis
+(embedded or standalone); a Redis Cluster would need hash tags.
+"""
+
+# Moves a study's worklist place up (never down) and records why; no-op once it was read.
+_RAISE_PLACE = """
+local function raise_place(job_key, job_id, place, reason)
+  local study = redis.call('HGET', job_key, 'study_uid')
+  if (not study) or study == '' or redis.call('HGET', job_key, 'track') ~= '1' then return end
+  local sk = 'cxr:study:' .. study
+  if redis.call('HEXISTS', sk, 'reported_at') == 1 then return end
+  local old = redis.call('ZSCORE', 'cxr:worklist', study)
+  if (not old) or tonumber(place) > tonumber(old) then
+    redis.call('ZADD', 'cxr:worklist', place, study)
+    redis.call('HSET', sk, 'place_reason', reason, 'place_job', job_id)
+  end
+end
+"""
+
+# KEYS: none. ARGV: job_id, deadline, now, payload, instance_key ('' = no dedup), study_uid
+# ('' = none), track (1 = on the worklist), priority_rank, then job hash field/value pairs.
+# Returns {1, job_id} when queued, {0, existing_job_id} for a duplicate instance.
+SUBMIT = """
+local id, deadline, now, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local instance_key, study, track, rank = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+if instance_key ~= '' then
+  local existing = redis.call('GET', instance_key)
+  if existing then return {0, existing} end
+  redis.call('SET', instance_key, id)
+end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+local jk = 'cxr:job:' .. id
+redis.call('HSET', jk, 'status', 'queued', 'attempts', 0, 'deadline', deadline, 'enqueued_at', now,
+           'study_uid', study, 'track', track, unpack(fields))
+redis.call('SET', 'cxr:payload:' .. id, payload)
+redis.call('ZADD', 'cxr:queue', deadline, id)
+if study ~= '' and track == '1' then
+  local sk = 'cxr:study:' .. study
+  redis.call('SADD', sk .. ':jobs', id)
+  redis.call('HSETNX', sk, 'first_seen', now)
+  local best = tonumber(redis.call('HGET', sk, 'priority_rank') or '99')
+  if rank < best then
+    redis.call('HSET', sk, 'priority_rank', rank, 'priority', redis.call('HGET', jk, 'priority'))
+  end
+  if redis.call('HEXISTS', sk, 'reported_at') == 0 then
+    redis.call('ZADD', 'cxr:worklist', 'NX', 0, study)
+    redis.call('HSETNX', sk, 'place_reason', 'queued for scoring')
+  end
+end
+return {1, id}
+"""
+
+# ARGV: n, now, lease_s, worker. Returns {job_id, token, payload, {hash...}} per leased job,
+# earliest deadline first.
+LEASE = """
+local ids = redis.call('ZRANGE', 'cxr:queue', 0, tonumber(ARGV[1]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', 'cxr:queue', id)
+  redis.call('ZADD', 'cxr:leases', tonumber(ARGV[2]) + tonumber(ARGV[3]), id)
+  local jk = 'cxr:job:' .. id
+  local token = redis.call('HINCRBY', jk, 'attempts', 1)
+  redis.call('HSET', jk, 'status', 'running', 'worker', ARGV[4], 'leased_at', ARGV[2])
+  out[#out + 1] = {id, token, redis.call('GET', 'cxr:payload:' .. id), redis.call('HGETALL', jk)}
+end
+return out
+"""
+
+# ARGV: job_id, token, status (done|failed), outcome json, now, place, reason.
+# Returns 1 when stored, 0 when the lease was stale (the job was re-delivered or finished).
+COMPLETE = (
+    _RAISE_PLACE
+    + """
+local id, token = ARGV[1], ARGV[2]
+local jk = 'cxr:job:' .. id
+if redis.call('HGET', jk, 'status') ~= 'running' or redis.call('HGET', jk, 'attempts') ~= token then
+  return 0
+end
+redis.call('HSET', jk, 'status', ARGV[3], 'outcome', ARGV[4], 'finished_at', ARGV[5])
+redis.call('ZREM', 'cxr:leases', id)
+redis.call('DEL', 'cxr:payload:' .. id)
+raise_place(jk, id, ARGV[6], ARGV[7])
+return 1
+"""
+)
+
+# ARGV: now, max_attempts, failed outcome json, unscored place, unscored reason.
+# Expired leases go back to the queue at their original deadline; a job that has used up
+# max_attempts (it keeps killing workers) fails visibly instead. Returns {requeued, failed}.
+REAP = (
+    _RAISE_PLACE
+    + """
+local ids = redis.call('ZRANGEBYSCORE', 'cxr:leases', '-inf', ARGV[1])
+local requeued, failed = 0, 0
+for _, id in ipairs(ids) do
+  redis.call('ZREM', 'cxr:leases', id)
+  local jk = 'cxr:job:' .. id
+  if redis.call('HGET', jk, 'status') == 'running' then
+    if tonumber(redis.call('HGET', jk, 'attempts')) >= tonumber(ARGV[2]) then
+      redis.call('HSET', jk, 'status', 'failed', 'outcome', ARGV[3], 'finished_at', ARGV[1])
+      redis.call('DEL', 'cxr:payload:' .. id)
+      raise_place(jk, id, ARGV[4], ARGV[5])
+      failed = failed + 1
+    else
+      redis.call('HSET', jk, 'status', 'queued')
+      redis.call('ZADD', 'cxr:queue', redis.call('HGET', jk, 'deadline'), id)
+      requeued = requeued + 1
+    end
+  end
+end
+if requeued > 0 then redis.call('HINCRBY', 'cxr:stats', 'redelivered', requeued) end
+return {requeued, failed}
+"""
+)

