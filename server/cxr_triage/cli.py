@@ -123,3 +123,33 @@ def check_repo(
         latest = entry.latest
         state = f"version {latest.version} ({latest.metadata.weights})" if latest else "no version"
         console.print(f"{entry.name}: {state}{'  (default)' if entry.name == repo.default_model else ''}")
+
+
+feedback = typer.Typer(help="Radiologists' final labels.", no_args_is_help=True)
+app.add_typer(feedback, name="feedback")
+
+
+@feedback.command("export")
+def feedback_export(
+    out: Annotated[
+        Path, typer.Option(help="folder for Data_Entry_2017.csv, feedback_labels.csv, reports.jsonl")
+    ],
+    model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
+) -> None:
+    """Export stored reports (from CXR_REDIS_URL, or the embedded Redis under CXR_DATA_DIR)."""
+    settings = _settings(model_repo=model_repo)
+    from cxr_triage.feedback.export import export_feedback
+    from cxr_triage.queue import connect
+    from cxr_triage.queue.studies import StudyStore
+    from cxr_triage.repository import ModelRepository
+
+    try:
+        repo = ModelRepository.load(settings.model_repo, settings.default_model, check_engines=False)
+        handle = connect(settings)
+    except CxrError as exc:
+        _fail(exc)
+        return
+    config = repo.get(None).config
+    store = StudyStore(handle.client(), lambda name: repo.get(name).config.critical_findings)
+    rows = export_feedback(store, config.labels, out)
+    console.print(f"{rows} image rows from reported studies written to {out}")

@@ -1,0 +1,1 @@
+"""Radiologists' final labels: the documented export the trainer and clinical metrics read."""
