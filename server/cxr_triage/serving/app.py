@@ -1,6 +1,9 @@
 """Assemble the service: repository check, LitServe server, routes, error handling."""
 
+import functools
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 import litserve as ls
@@ -28,8 +31,21 @@ class Service:
     redis: RedisHandle  # holds the embedded Redis (if any) for the life of the service
 
     def run(self) -> None:
+        """Serve until SIGTERM or Ctrl-C, then shut LitServe down and stop the embedded Redis."""
         s = self.intake.settings
-        self.server.run(host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False)
+        # LitServe shuts down gracefully on KeyboardInterrupt; forked children keep the default.
+        signal.signal(signal.SIGTERM, functools.partial(_interrupt, os.getpid()))
+        try:
+            self.server.run(host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False)
+        finally:
+            self.redis.close()
+
+
+def _interrupt(main_pid: int, signum: int, frame: object) -> None:
+    if os.getpid() == main_pid:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def served_models(settings: Settings, repo: ModelRepository) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import HTTPException
 from litserve.loops.base import _SENTINEL_VALUE, LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
+from redis import RedisError
 
 from cxr_triage.errors import CxrError
 from cxr_triage.serving.http_errors import to_http_exception
@@ -29,6 +30,7 @@ class Waiting:
 
     def __init__(self) -> None:
         self.by_job: dict[str, list[tuple[int, str, float]]] = {}
+        self.last_poll = 0.0
 
     def add(self, queue_id: int, uid: str, job_id: str) -> None:
         self.by_job.setdefault(job_id, []).append((queue_id, uid, time.monotonic()))
@@ -61,21 +63,31 @@ class TriageLoop(LitLoop):
         lit_spec: Any = None,
         stream: bool = False,
     ) -> None:
-        waiting, last_poll = Waiting(), 0.0
+        waiting = Waiting()
         while True:
-            wait = lit_api.batch_wait()
-            if not self._take_tickets(request_queue, waiting, wait if wait is not None else IDLE_WAIT_S):
-                return
-            lit_api.reap_if_due()
-            if wait is not None and wait <= 0:
-                for job_id, outcome in lit_api.run_batch():
-                    self._answer(transport, waiting.pop(job_id), outcome)
-            if waiting.by_job and time.monotonic() - last_poll >= POLL_OTHERS_S:
-                last_poll = time.monotonic()
-                for job_id, outcome in lit_api.finished(list(waiting.by_job)):
-                    self._answer(transport, waiting.pop(job_id), outcome)
-            for queue_id, uid in waiting.expired(lit_api.request_timeout):
-                self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
+            try:
+                if not self._step(lit_api, request_queue, transport, waiting):
+                    return
+            except RedisError:
+                log.exception("the Redis queue failed; retrying in 1 s")
+                time.sleep(1.0)
+
+    def _step(self, lit_api: Any, request_queue: Any, transport: Any, waiting: "Waiting") -> bool:
+        """One turn: take tickets, re-deliver expired leases, run a batch, answer. False: stop."""
+        wait = lit_api.batch_wait()
+        if not self._take_tickets(request_queue, waiting, wait if wait is not None else IDLE_WAIT_S):
+            return False
+        lit_api.reap_if_due()
+        if wait is not None and wait <= 0:
+            for job_id, outcome in lit_api.run_batch():
+                self._answer(transport, waiting.pop(job_id), outcome)
+        if waiting.by_job and time.monotonic() - waiting.last_poll >= POLL_OTHERS_S:
+            waiting.last_poll = time.monotonic()
+            for job_id, outcome in lit_api.finished(list(waiting.by_job)):
+                self._answer(transport, waiting.pop(job_id), outcome)
+        for queue_id, uid in waiting.expired(lit_api.request_timeout):
+            self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
+        return True
 
     def _take_tickets(self, request_queue: Any, waiting: Waiting, block_s: float) -> bool:
         """Drain new tickets, blocking up to ``block_s`` for the first. False on shutdown."""
