@@ -126,3 +126,43 @@ def test_feedback_export_writes_chestxray14_layout(saturated_server: tuple[str, 
     wide = list(csv.DictReader((tmp_path / "feedback_labels.csv").open()))
     (w,) = [r for r in wide if r["study_uid"] == "1.2.826.0.1.66"]
     assert (w["Effusion"], w["Edema"], w["Hernia"]) == ("1", "0", "")
+
+
+def test_inference_worker_killed_mid_batch_loses_nothing(exported_repo: Path, tmp_path: Path) -> None:
+    import redis
+
+    from tests.helpers import redis_server
+
+    with redis_server(tmp_path / "redis") as redis_url:
+        env = {"CXR_REDIS_URL": redis_url, "CXR_INFERENCE_WORKERS": "2", "CXR_LEASE_S": "2",
+               "CXR_DECODE_WORKERS": "1", "CXR_INTRA_OP_THREADS": "1"}  # fmt: skip
+        with running_server(exported_repo, env) as url:
+            r = redis.Redis.from_url(redis_url)
+            uids = [f"1.2.826.0.1.88.{i}" for i in range(40)]
+            for uid in uids:
+                assert submit(url, png_bytes(chest_u8(64)), "image/png", study_uid=uid).status_code == 202
+            victim = None
+            for _ in range(5000):
+                leased = r.zrange("cxr:leases", 0, 0)
+                if leased:
+                    victim = int(r.hget(b"cxr:job:" + leased[0], "worker").split(b":")[-1])
+                    break
+                time.sleep(0.001)
+            assert victim is not None, "no batch was ever leased"
+            os.kill(victim, 9)
+            done = [wait_done(url, uid, timeout=90) for uid in uids]
+            assert all(s["status"] == "done" and len(s["instances"]) == 1 for s in done)
+            # The kill landed while the batch was in flight: its jobs came back through the lease.
+            assert int(r.hget("cxr:stats", "redelivered") or 0) >= 1
+            assert httpx.get(f"{url}/ready", timeout=30).status_code in (200, 503)
+            assert post_ok(url)
+
+
+def post_ok(url: str) -> bool:
+    for _ in range(60):
+        response = httpx.post(f"{url}/v1/predict", content=png_bytes(chest_u8(64)),
+                              headers={"Content-Type": "image/png"}, timeout=60)  # fmt: skip
+        if response.status_code == 200:
+            return True
+        time.sleep(0.5)
+    return False

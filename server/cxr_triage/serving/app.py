@@ -85,6 +85,9 @@ def build_service(settings: Settings) -> Service:
         timeout=settings.request_timeout_s,
         healthcheck_path="/_litserve/health",
         info_path="/_litserve/info",
+        # A dead inference worker is restarted (jobs it held are re-delivered from Redis)
+        # instead of LitServe shutting the whole service down.
+        restart_workers=True,
     )
     client = handle.client()
     intake = Intake(settings, repo, served, JobQueue(client, settings.max_wait_s))

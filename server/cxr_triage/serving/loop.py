@@ -75,7 +75,9 @@ class TriageLoop(LitLoop):
     def _step(self, lit_api: Any, request_queue: Any, transport: Any, waiting: "Waiting") -> bool:
         """One turn: take tickets, re-deliver expired leases, run a batch, answer. False: stop."""
         wait = lit_api.batch_wait()
-        if not self._take_tickets(request_queue, waiting, wait if wait is not None else IDLE_WAIT_S):
+        if not self._take_tickets(
+            request_queue, transport, waiting, wait if wait is not None else IDLE_WAIT_S
+        ):
             return False
         lit_api.reap_if_due()
         if wait is not None and wait <= 0:
@@ -89,7 +91,7 @@ class TriageLoop(LitLoop):
             self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
         return True
 
-    def _take_tickets(self, request_queue: Any, waiting: Waiting, block_s: float) -> bool:
+    def _take_tickets(self, request_queue: Any, transport: Any, waiting: Waiting, block_s: float) -> bool:
         """Drain new tickets, blocking up to ``block_s`` for the first. False on shutdown."""
         timeout: float | None = max(block_s, 0.0)
         while True:
@@ -101,6 +103,10 @@ class TriageLoop(LitLoop):
                 return False
             queue_id, uid, _, ticket = item
             waiting.add(queue_id, uid, ticket.job_id)
+            # Tells LitServe which worker holds this request, so that if this worker dies the
+            # request is answered (with an error) instead of waiting forever; the job itself
+            # stays in Redis and is re-delivered.
+            self.put_response(transport, queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR)
             timeout = None
 
     def _answer(self, transport: Any, tickets: list[tuple[int, str, float]], outcome: dict[str, Any]) -> None:
