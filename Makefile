@@ -10,7 +10,7 @@ ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
 help:
 	@echo "make serve   start the service on 127.0.0.1:8000 (embedded defaults, CPU engine)"
 	@echo "make test    install everything needed and run lint, types and the whole test suite"
-	@echo "make bench   engine / decode / served-vs-engine benchmark -> benchmarks/results/"
+	@echo "make bench   engine / decode / served-vs-engine / priority-wait benchmarks -> benchmarks/results/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,7 @@ test: $(VENV)/.dev services lint typecheck
 
 bench: engine $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_priority.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

