@@ -65,6 +65,7 @@ class Plan:
     quick: bool
     skip_torch: bool
     skip_server: bool
+    clients_per_batch: int  # concurrent clients = this x max_batch_size
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     p.add_argument("--repeats", type=int, help="decode repeats per format (default 30)")
     p.add_argument("--skip-torch", action="store_true", help="no PyTorch eager measurement")
     p.add_argument("--skip-server", action="store_true", help="no served-throughput measurement")
+    p.add_argument(
+        "--clients-per-batch",
+        type=int,
+        default=2,
+        help="served load: concurrent clients per max_batch_size (2: a batch queues while one runs)",
+    )
     a = p.parse_args(argv)
     return Plan(
         duration=a.duration or (3.0 if a.quick else 20.0),
@@ -155,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         quick=a.quick,
         skip_torch=a.skip_torch,
         skip_server=a.skip_server,
+        clients_per_batch=a.clients_per_batch,
     )
 
 
@@ -536,7 +544,7 @@ async def drive(
 
 
 def bench_served(config: ModelConfig, plan: Plan, progress: Progress) -> ServedStats:
-    images, concurrency = small_pngs(), config.batching.max_batch_size
+    images, concurrency = small_pngs(), config.batching.max_batch_size * plan.clients_per_batch
     with running_server() as (url, pgid):
         asyncio.run(drive(url, images, concurrency, plan.served_warmup, progress, "served warm-up"))
         label = f"served POST /v1/predict x{concurrency}"
@@ -667,11 +675,12 @@ def served_section(results: Results, config: ModelConfig, plan: Plan) -> list[st
     title = "## 3. Served throughput vs bare engine (batch 8)"
     if results.served is None:
         return [title, "", "Skipped (--skip-server).", ""]
-    s, concurrency = results.served, config.batching.max_batch_size
+    s, batch = results.served, config.batching.max_batch_size
+    concurrency = batch * plan.clients_per_batch
     return [
         title,
         "",
-        *table(["", ""], served_rows(s, results.engine("onnxruntime-cpu", concurrency))),
+        *table(["", ""], served_rows(s, results.engine("onnxruntime-cpu", batch))),
         "",
         f"`cxr-triage serve` (defaults, {config.batching.batch_timeout_ms:g} ms batch window) as a "
         f"subprocess; {concurrency} concurrent httpx clients (asyncio, this process, same machine) POST "

@@ -48,6 +48,9 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # Idle intra-op threads spin by default, burning the cores that HTTP and decoding
+        # need on a small machine; sleeping costs a few microseconds of wake-up per call.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(path), sess_options=options, providers=choose_providers(preference)
         )
