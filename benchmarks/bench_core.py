@@ -706,10 +706,11 @@ def render(results: Results, config: ModelConfig, plan: Plan, load: float, start
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(text: str, plan: Plan, started: datetime) -> list[Path]:
+def write_report(text: str, quick: bool, started: datetime, name: str = "core") -> list[Path]:
+    """Write ``<name>-<machine>-<date>[-quick].md`` and ``<name>-latest.md`` (atomically)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if plan.quick else ""
-    paths = [RESULTS / f"core-{machine_tag()}-{started:%Y%m%d}{suffix}.md", RESULTS / "core-latest.md"]
+    suffix = "-quick" if quick else ""
+    paths = [RESULTS / f"{name}-{machine_tag()}-{started:%Y%m%d}{suffix}.md", RESULTS / f"{name}-latest.md"]
     for path in paths:
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(text)
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold yellow]load average {load:.2f}: the machine is busy; numbers will suffer[/]")
     results = run_all(config, engine_path, plan)
     text = render(results, config, plan, load, started)
-    paths = write_report(text, plan, started)
+    paths = write_report(text, plan.quick, started)
     from rich.markdown import Markdown
 
     console.print(Markdown(text))

@@ -40,7 +40,6 @@ from rich.progress import Progress
 
 from bench_core import (
     BUSY_LOAD_PER_CORE,
-    RESULTS,
     ROOT,
     CpuSnapshot,
     Results,
@@ -51,7 +50,6 @@ from bench_core import (
     git_commit,
     group_cpu,
     machine_section,
-    machine_tag,
     new_progress,
     other_cores,
     require_engine,
@@ -60,6 +58,7 @@ from bench_core import (
     stop_server,
     table,
     wait_ready,
+    write_report,
 )
 from cxr_triage.repository import ModelConfig
 
@@ -629,20 +628,6 @@ def render(o: Observed, config: ModelConfig, plan: Plan, load: float, started: d
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(text: str, plan: Plan, started: datetime) -> list[Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if plan.quick else ""
-    paths = [
-        RESULTS / f"priority-{machine_tag()}-{started:%Y%m%d}{suffix}.md",
-        RESULTS / "priority-latest.md",
-    ]
-    for path in paths:
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return paths
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -655,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     with fresh_server() as server, new_progress() as progress:
         observed = asyncio.run(run_load(server, plan, progress))
     text = render(observed, config, plan, load, started)
-    paths = write_report(text, plan, started)
+    paths = write_report(text, plan.quick, started, name="priority")
     from rich.markdown import Markdown
 
     console.print(Markdown(text))
