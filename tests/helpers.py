@@ -181,3 +181,41 @@ def _wait_redis(url: str, proc: subprocess.Popen[bytes]) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError("redis-server did not start")
+
+
+@contextmanager
+def orthanc(workdir: Path, dicomweb_servers: dict[str, str] | None = None) -> Iterator[str]:
+    """A real Orthanc with its DICOMweb plugin on free 127.0.0.1 ports; yields its HTTP URL."""
+    import json
+
+    binary = require_binary("Orthanc", "orthanc orthanc-dicomweb")
+    http_port, dicom_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "cxr-test-orthanc",
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "Plugins": ["/usr/share/orthanc/plugins"],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}},
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    proc = subprocess.Popen([binary, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        for _ in range(200):
+            if proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited: {(workdir / 'orthanc.log').read_text()[-2000:]}")
+            with suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/system", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        stop(proc)
+        log.close()

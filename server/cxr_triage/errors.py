@@ -88,6 +88,10 @@ class UnsupportedTransferSyntax(ImageError):
     code = "unsupported_transfer_syntax"
 
 
+class WrongModality(ImageError):
+    code = "wrong_modality"
+
+
 # --- service state (5xx that are not bugs) --------------------------------------------------
 
 

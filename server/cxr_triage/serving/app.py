@@ -10,6 +10,7 @@ import litserve as ls
 from litserve.utils import WorkerSetupStatus
 
 from cxr_triage.config import Settings
+from cxr_triage.dicomweb.stow import build_stow_router
 from cxr_triage.errors import RepositoryError
 from cxr_triage.queue import JobQueue, RedisHandle, connect
 from cxr_triage.queue.studies import StudyStore
@@ -97,6 +98,7 @@ def build_service(settings: Settings) -> Service:
     app.state.intake = intake
     app.include_router(build_router(intake, lambda: _workers_problem(server)))
     app.include_router(build_study_router(intake, studies))
+    app.include_router(build_stow_router(intake))
     install_error_handlers(app)
     install_request_metrics(app)
     document_predict(app)

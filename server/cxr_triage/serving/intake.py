@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 
 from cxr_triage import imaging
 from cxr_triage.config import Settings
-from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge
+from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge, WrongModality
 from cxr_triage.imaging import ImageLimits, ModelInput
 from cxr_triage.observability import metrics
 from cxr_triage.queue import JobQueue, NewJob
@@ -120,11 +120,28 @@ class Intake:
         request_id = _request_id(request)
         name = self.resolve_model(model)
         data, media_type = await _read_image(request, self.limits.max_bytes)
+        return await self.accept_bytes(data, media_type, name, priority, track, uids, request_id)
+
+    async def accept_bytes(
+        self,
+        data: bytes,
+        media_type: str,
+        name: str,
+        priority: Priority | None,
+        track: bool,
+        uids: tuple[str, str],
+        request_id: str,
+        modalities: frozenset[str] | None = None,
+    ) -> Accepted:
+        """Decode and queue one image already read; ``modalities`` restricts DICOM Modality."""
         if not track and self.queue.ready() >= self.settings.max_queue:
             raise Overloaded(f"{self.settings.max_queue} jobs are queued; retry shortly (Retry-After)")
         start = time.perf_counter()
         prepared = await self.prepare(data, media_type, name)
         metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
+        modality = prepared.dicom.get("Modality", "")
+        if modalities is not None and modality not in modalities:
+            raise WrongModality(f"modality {modality or 'unknown'} is not scored; send {sorted(modalities)}")
         study_uid, instance_uid = _uids(prepared, uids) if track else ("", "")
         job = NewJob(
             model=name,

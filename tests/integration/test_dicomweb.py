@@ -1,0 +1,132 @@
+"""cxr-triage as a DICOMweb peer: STOW-RS from dicomweb-client, hand-made bodies and a real Orthanc."""
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+
+from tests.helpers import dataset_bytes, dicom_bytes, dicom_path, orthanc
+
+REFERENCED, FAILED, REASON, COMMENT = "00081199", "00081198", "00081197", "00000902"
+
+
+def rg1_copy(study: str | None = None) -> pydicom.Dataset:
+    """pydicom-data's chest CR with fresh UIDs, so each test has its own study."""
+    ds = pydicom.dcmread(dicom_path("RG1_UNCR.dcm"))
+    ds.StudyInstanceUID = study or pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def stow_body(parts: list[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+        for p in parts
+    )
+    body += b"--" + boundary.encode() + b"--\r\n"
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def wait_done(server: str, study_uid: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{server}/v1/studies/{study_uid}", timeout=10)
+        if response.status_code == 200 and response.json()["status"] in ("done", "failed"):
+            return response.json()
+        time.sleep(0.1)
+    raise TimeoutError(study_uid)
+
+
+def test_dicomweb_client_stores_and_the_study_is_scored(server: str) -> None:
+    ds = rg1_copy()
+    client = DICOMwebClient(url=f"{server}/dicom-web")
+    reply = client.store_instances([ds])
+    (item,) = reply.ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert item.ReferencedSOPClassUID == ds.SOPClassUID
+    study = wait_done(server, ds.StudyInstanceUID)
+    assert study["status"] == "done" and study["result"]["model"]["weights"] == "untrained"
+
+
+def test_mixed_stow_stores_the_good_instance_and_fails_the_corrupt_one_with_a_reason(server: str) -> None:
+    good, bad = rg1_copy(), rg1_copy()
+    body, content_type = stow_body([dataset_bytes(good), dataset_bytes(bad)[:400_000]])
+    response = httpx.post(f"{server}/dicom-web/studies", content=body, headers={"Content-Type": content_type},
+                          timeout=60)  # fmt: skip
+    assert response.status_code == 202, response.text
+    assert response.headers["content-type"].startswith("application/dicom+json")
+    reply = response.json()
+    (stored,) = reply[REFERENCED]["Value"]
+    (failed,) = reply[FAILED]["Value"]
+    assert stored["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert failed["00081155"]["Value"] == [bad.SOPInstanceUID]
+    assert failed[REASON]["Value"] == [0xC000] and "corrupt_image" in failed[COMMENT]["Value"][0]
+
+
+def test_non_projection_modality_is_a_failed_entry_not_a_crash(server: str) -> None:
+    body, content_type = stow_body([dicom_bytes("CT_small.dcm")])
+    response = httpx.post(f"{server}/dicom-web/studies", content=body, headers={"Content-Type": content_type},
+                          timeout=60)  # fmt: skip
+    assert response.status_code == 409
+    (failed,) = response.json()[FAILED]["Value"]
+    assert failed[REASON]["Value"] == [0x0122] and "wrong_modality" in failed[COMMENT]["Value"][0]
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_stow_refuses_other_media_types_and_malformed_bodies(server: str) -> None:
+    wrong = httpx.post(
+        f"{server}/dicom-web/studies", content=b"x", headers={"Content-Type": "application/json"}
+    )
+    assert wrong.status_code == 415 and wrong.json()["error"]["code"] == "unsupported_media_type"
+    related = 'multipart/related; type="application/dicom"'
+    no_boundary = httpx.post(f"{server}/dicom-web/studies", content=b"x", headers={"Content-Type": related})
+    assert no_boundary.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def orthanc_pushing_to(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    servers = {"cxr": [f"{server}/dicom-web/"]}
+    with orthanc(tmp_path_factory.mktemp("orthanc"), servers) as url:
+        yield url
+
+
+def test_orthanc_pushes_a_chest_cr_and_reports_success(server: str, orthanc_pushing_to: str) -> None:
+    ds = rg1_copy()
+    upload = httpx.post(f"{orthanc_pushing_to}/instances", content=dataset_bytes(ds), timeout=60)
+    assert upload.status_code == 200, upload.text
+    instance_id = upload.json()["ID"]
+    push = httpx.post(f"{orthanc_pushing_to}/dicom-web/servers/cxr/stow",
+                      json={"Resources": [instance_id], "Synchronous": True}, timeout=120)  # fmt: skip
+    assert push.status_code == 200, push.text
+    study = wait_done(server, ds.StudyInstanceUID)
+    assert study["status"] == "done" and study["instances"][0]["instance_uid"] == ds.SOPInstanceUID
+
+
+def test_orthanc_push_of_a_j2k_instance_is_scored_like_its_twin(server: str, orthanc_pushing_to: str) -> None:
+    ds = pydicom.dcmread(dicom_path("RG1_J2KR.dcm"))
+    ds.StudyInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    instance_id = httpx.post(f"{orthanc_pushing_to}/instances", content=dataset_bytes(ds), timeout=60).json()[
+        "ID"
+    ]
+    push = httpx.post(f"{orthanc_pushing_to}/dicom-web/servers/cxr/stow",
+                      json={"Resources": [instance_id], "Synchronous": True}, timeout=120)  # fmt: skip
+    assert push.status_code == 200, push.text
+    assert wait_done(server, ds.StudyInstanceUID)["status"] == "done"
+
+
+def test_study_route_checks_the_study_uid(server: str, tmp_path: Path) -> None:
+    ds = rg1_copy()
+    body, content_type = stow_body([dataset_bytes(ds)])
+    response = httpx.post(f"{server}/dicom-web/studies/1.2.3.999", content=body,
+                          headers={"Content-Type": content_type}, timeout=60)  # fmt: skip
+    assert response.status_code == 409
+    assert httpx.get(f"{server}/v1/studies/{ds.StudyInstanceUID}", timeout=10).status_code == 404
