@@ -90,9 +90,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(repo: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+def running_server(
+    repo: Path, env: dict[str, str] | None = None, timeout: float = 90.0, port: int | None = None
+) -> Iterator[str]:
     """The real server as a process on a free 127.0.0.1 port; yields its base URL once /ready is 200."""
-    port = free_port()
+    port = port or free_port()
     full_env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_PORT": str(port), **(env or {})}
     log = tempfile.NamedTemporaryFile(prefix="cxr-server-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(

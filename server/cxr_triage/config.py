@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         description="per priority class: how long newer higher-class jobs may overtake a job",
     )
     worklist_max_wait_s: float = Field(4 * 3600.0, gt=0, description="no unread study waits much longer")
+    pacs_url: str | None = Field(
+        None, description="the PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web"
+    )
+    pacs_username: str | None = None
+    pacs_password: SecretStr | None = None
+    pacs_store_sr: bool = Field(True, description="store a DICOM SR of each scored study back to the PACS")
     metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from tests.helpers import dataset_bytes, dicom_bytes, dicom_path, orthanc
+from tests.helpers import dataset_bytes, dicom_bytes, dicom_path, free_port, orthanc, running_server
 
 REFERENCED, FAILED, REASON, COMMENT = "00081199", "00081198", "00081197", "00000902"
 
@@ -130,3 +130,58 @@ def test_study_route_checks_the_study_uid(server: str, tmp_path: Path) -> None:
                           headers={"Content-Type": content_type}, timeout=60)  # fmt: skip
     assert response.status_code == 409
     assert httpx.get(f"{server}/v1/studies/{ds.StudyInstanceUID}", timeout=10).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def pacs_loop(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Orthanc pushing to a cxr-triage that stores its SRs back to that Orthanc."""
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("pacs-loop")
+    with orthanc(workdir / "orthanc", {"cxr": [f"http://127.0.0.1:{port}/dicom-web/"]}) as pacs:
+        env = {
+            "CXR_PACS_URL": f"{pacs}/dicom-web",
+            "CXR_DATA_DIR": str(workdir / "data"),
+            "CXR_DECODE_WORKERS": "1",
+        }
+        with running_server(exported_repo, env, port=port) as url:
+            yield url, pacs
+
+
+def find_sr(pacs: str, study_uid: str, timeout: float = 60) -> pydicom.Dataset:
+    client = DICOMwebClient(url=f"{pacs}/dicom-web")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        series = client.search_for_series(study_uid, search_filters={"Modality": "SR"})
+        if series:
+            series_uid = series[0]["0020000E"]["Value"][0]
+            (sr,) = client.retrieve_series(study_uid, series_uid)
+            return sr
+        time.sleep(0.3)
+    raise TimeoutError("no SR arrived in the PACS")
+
+
+def test_sr_is_stored_back_to_the_pacs_with_references_and_provenance(pacs_loop: tuple[str, str]) -> None:
+    url, pacs = pacs_loop
+    ds = rg1_copy()
+    instance_id = httpx.post(f"{pacs}/instances", content=dataset_bytes(ds), timeout=60).json()["ID"]
+    body = {"Resources": [instance_id], "Synchronous": True}
+    push = httpx.post(f"{pacs}/dicom-web/servers/cxr/stow", json=body, timeout=120)
+    assert push.status_code == 200, push.text
+    study = wait_done(url, ds.StudyInstanceUID)
+    sr = find_sr(pacs, ds.StudyInstanceUID)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientID == ds.PatientID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == ds.SeriesInstanceUID
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+    assert items["Algorithm Name"].TextValue == "densenet121-nih14"
+    assert items["Weights provenance"].TextValue == "untrained"
+    assert items["Triage class"].ConceptCodeSequence[0].CodeValue == study["result"]["triage"]
+    score = float(items["Abnormality score"].MeasuredValueSequence[0].NumericValue)
+    assert score == pytest.approx(study["result"]["abnormality_score"], abs=1e-6)
+    findings = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    assert [f.ConceptNameCodeSequence[0].CodeMeaning for f in findings] == [
+        f["label"] for f in study["result"]["findings"]
+    ]
+    source = items["Source of Measurement"].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == ds.SOPInstanceUID

@@ -35,6 +35,7 @@ class NewJob:
     study_uid: str = ""
     instance_uid: str = ""
     track: bool = False  # an asynchronous study: it goes on the worklist
+    header: bytes = b""  # DICOM source header without pixel data (for the SR); may hold PHI
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class JobQueue:
             "instance_uid": job.instance_uid,
         }
         argv: list[Any] = [job_id, deadline, now, payload.dumps(job.input), instance_key, job.study_uid]
-        argv += ["1" if job.track else "0", PRIORITIES.index(job.priority)]
+        argv += ["1" if job.track else "0", PRIORITIES.index(job.priority), job.header]
         argv += [x for kv in fields.items() for x in kv]
         created, existing = self._submit(args=argv)
         return SubmitResult(job_id=existing.decode(), duplicate=not created)
@@ -115,6 +116,10 @@ class JobQueue:
         )
         requeued, failed = self._reap(args=[now, max_attempts, outcome, place, reason])
         return int(requeued), int(failed)
+
+    def headers(self, job_ids: Sequence[str]) -> list[bytes | None]:
+        """Stored DICOM source headers (None for non-DICOM jobs)."""
+        return list(self.r.mget([f"cxr:header:{j}" for j in job_ids])) if job_ids else []
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))

@@ -5,6 +5,7 @@ Key names are built inside the scripts from the ``cxr:`` prefix, which is right 
 """
 
 # Moves a study's worklist place up (never down) and records why; no-op once it was read.
+# When every job of a tracked study has finished, the study goes to the SR outbox.
 _RAISE_PLACE = """
 local function raise_place(job_key, job_id, place, reason)
   local study = redis.call('HGET', job_key, 'study_uid')
@@ -17,25 +18,37 @@ local function raise_place(job_key, job_id, place, reason)
     redis.call('HSET', sk, 'place_reason', reason, 'place_job', job_id)
   end
 end
+
+local function study_finished(job_key)
+  local study = redis.call('HGET', job_key, 'study_uid')
+  if (not study) or study == '' or redis.call('HGET', job_key, 'track') ~= '1' then return end
+  for _, id in ipairs(redis.call('SMEMBERS', 'cxr:study:' .. study .. ':jobs')) do
+    local s = redis.call('HGET', 'cxr:job:' .. id, 'status')
+    if s ~= 'done' and s ~= 'failed' then return end
+  end
+  redis.call('RPUSH', 'cxr:outbox:sr', study)
+end
 """
 
 # KEYS: none. ARGV: job_id, deadline, now, payload, instance_key ('' = no dedup), study_uid
-# ('' = none), track (1 = on the worklist), priority_rank, then job hash field/value pairs.
+# ('' = none), track (1 = on the worklist), priority_rank, DICOM header ('' = none), then job
+# hash field/value pairs.
 # Returns {1, job_id} when queued, {0, existing_job_id} for a duplicate instance.
 SUBMIT = """
 local id, deadline, now, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local instance_key, study, track, rank = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local instance_key, study, track, rank, header = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if instance_key ~= '' then
   local existing = redis.call('GET', instance_key)
   if existing then return {0, existing} end
   redis.call('SET', instance_key, id)
 end
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
 local jk = 'cxr:job:' .. id
 redis.call('HSET', jk, 'status', 'queued', 'attempts', 0, 'deadline', deadline, 'enqueued_at', now,
            'study_uid', study, 'track', track, unpack(fields))
 redis.call('SET', 'cxr:payload:' .. id, payload)
+if header ~= '' then redis.call('SET', 'cxr:header:' .. id, header) end
 redis.call('ZADD', 'cxr:queue', deadline, id)
 if study ~= '' and track == '1' then
   local sk = 'cxr:study:' .. study
@@ -83,6 +96,7 @@ redis.call('HSET', jk, 'status', ARGV[3], 'outcome', ARGV[4], 'finished_at', ARG
 redis.call('ZREM', 'cxr:leases', id)
 redis.call('DEL', 'cxr:payload:' .. id)
 raise_place(jk, id, ARGV[6], ARGV[7])
+study_finished(jk)
 return 1
 """
 )
@@ -103,6 +117,7 @@ for _, id in ipairs(ids) do
       redis.call('HSET', jk, 'status', 'failed', 'outcome', ARGV[3], 'finished_at', ARGV[1])
       redis.call('DEL', 'cxr:payload:' .. id)
       raise_place(jk, id, ARGV[4], ARGV[5])
+      study_finished(jk)
       failed = failed + 1
     else
       redis.call('HSET', jk, 'status', 'queued')

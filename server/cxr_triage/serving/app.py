@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.process import BaseProcess
 
 import litserve as ls
 from litserve.utils import WorkerSetupStatus
@@ -36,10 +38,27 @@ class Service:
         s = self.intake.settings
         # LitServe shuts down gracefully on KeyboardInterrupt; forked children keep the default.
         signal.signal(signal.SIGTERM, functools.partial(_interrupt, os.getpid()))
+        publisher = self._start_publisher()
         try:
             self.server.run(host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False)
         finally:
+            if publisher is not None:
+                publisher.terminate()
+                publisher.join(5)
             self.redis.close()
+
+    def _start_publisher(self) -> BaseProcess | None:
+        """The SR publisher process, when a PACS is configured and CXR_PACS_STORE_SR is on."""
+        s = self.intake.settings
+        if not (s.pacs_url and s.pacs_store_sr):
+            return None
+        from cxr_triage.dicomweb.publisher import run_publisher
+
+        context = get_context("spawn")
+        process = context.Process(target=run_publisher, args=(s,), name="sr-publisher", daemon=True)
+        process.start()
+        log.info("storing SRs back to the PACS")
+        return process
 
 
 def _interrupt(main_pid: int, signum: int, frame: object) -> None:

@@ -14,8 +14,10 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from io import BytesIO
 from multiprocessing import get_context
 
+import pydicom
 from fastapi import Query, Request
 from pydicom.uid import generate_uid
 from starlette.datastructures import UploadFile
@@ -151,6 +153,7 @@ class Intake:
             study_uid=study_uid,
             instance_uid=instance_uid,
             track=track,
+            header=source_header(data) if track and prepared.source == "dicom" else b"",
         )
         submitted = self.queue.submit(job)
         return Accepted(
@@ -186,6 +189,14 @@ _DICOM_PRIORITY: dict[str, Priority] = {
     "LOW": "backfill",
 }
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def source_header(data: bytes) -> bytes:
+    """The DICOM file without its pixel data: what an SR about it needs (patient, study, UIDs)."""
+    ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 def dicom_priority(tags: dict[str, str]) -> Priority | None:
