@@ -55,6 +55,10 @@ class ModelNotFound(CxrError):
     code, status = "model_not_found", 404
 
 
+class StudyNotFound(CxrError):
+    code, status = "study_not_found", 404
+
+
 # --- image content that cannot be scored (422) ----------------------------------------------
 
 

@@ -168,10 +168,22 @@ def test_report_is_stored_and_takes_the_study_off_the_worklist(q: JobQueue, stor
     score(q, [0.9, 0.1, 0.1])
     store.report("4.1", {"Effusion": True, "Nodule": False}, "dr-a")
     assert store.worklist(10, 3600) == []
-    q.submit(job(study="4.1", instance="4.1.2", track=True))  # a late image does not re-list it
-    score(q, [0.9, 0.1, 0.9])
+    q.submit(job(study="4.1", instance="4.1.2", track=True))  # a late normal image does not re-list it
+    score(q, [0.1, 0.1, 0.1])
     assert store.worklist(10, 3600) == []
     assert store.reports()[-1]["labels"] == {"Effusion": True, "Nodule": False}
+    q.submit(job(study="4.1", instance="4.1.3", track=True))  # a late critical one must be read
+    score(q, [0.1, 0.1, 0.95])
+    (row,) = store.worklist(10, 3600)
+    assert row["study_uid"] == "4.1" and row["reason"].startswith("new image after the report: critical")
+
+
+def test_a_failed_instance_can_be_submitted_again(q: JobQueue) -> None:
+    first = q.submit(job(study="6.1", instance="6.1.1", track=True))
+    (leased,) = q.lease(1, "w", 30)
+    assert q.complete(leased, {"error": {"code": "x", "message": "engine failed"}}, True, UNSCORED_PLACE, "u")
+    again = q.submit(job(study="6.1", instance="6.1.1", track=True))
+    assert not again.duplicate and again.job_id != first.job_id
 
 
 def test_accepted_jobs_and_reports_survive_a_redis_crash_with_aof(tmp_path: Path) -> None:

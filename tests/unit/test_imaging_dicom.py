@@ -185,3 +185,26 @@ def test_error_codes_and_statuses_follow_the_api() -> None:
     assert (errors.MultiFrame("x").code, errors.MultiFrame("x").status) == ("multi_frame", 422)
     assert errors.ImageTooLarge("x").status == 413
     assert errors.UnsupportedMediaType("x").status == 415
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["window_width_zero", "text_rescale_slope", "voi_lut_without_descriptor", "unknown_transfer_syntax"],
+)
+def test_malformed_grayscale_attributes_are_4xx_not_a_crash(breakage: str) -> None:
+    ds = pydicom.dcmread(dicom_path("RG1_UNCR.dcm"))
+    if breakage == "window_width_zero":
+        ds.WindowWidth = 0
+    elif breakage == "text_rescale_slope":
+        ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+        ds["RescaleSlope"].VR = "LO"
+        ds.RescaleSlope = "abc"
+    elif breakage == "voi_lut_without_descriptor":
+        del ds.WindowCenter, ds.WindowWidth
+        item = pydicom.Dataset()
+        item.add_new(0x00283006, "US", [0, 1])  # LUT Data without its LUT Descriptor
+        ds.VOILUTSequence = [item]
+    else:
+        ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
+    with pytest.raises((errors.CorruptImage, errors.UnsupportedTransferSyntax, errors.NotAnImage)):
+        decode(dataset_bytes(ds), "application/dicom", LIMITS)

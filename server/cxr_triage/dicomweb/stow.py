@@ -6,6 +6,7 @@ The reply is the standard Store Instances Response Module as DICOM JSON: Referen
 200 all stored, 202 some failed, 409 none stored (§10.5.3).
 """
 
+import logging
 from collections.abc import Sequence
 from io import BytesIO
 from typing import Any
@@ -20,6 +21,7 @@ from cxr_triage.dicomweb.multipart import Part, related_boundary, split
 from cxr_triage.errors import CxrError
 from cxr_triage.serving.intake import Intake, _read_body, _request_id
 
+log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 PROJECTION_MODALITIES = frozenset({"CR", "DX"})
 # Failure Reason values, PS3.4 Annex GG / PS3.18 Table 10.5.3-3.
@@ -63,6 +65,10 @@ async def receive(request: Request, intake: Intake, study_uid: str | None) -> Re
             accepted = await _accept_part(intake, part, name, request_id, study_uid)
         except CxrError as exc:
             failed.append(_failed_item(part.data, exc))
+            continue
+        except Exception as exc:
+            log.exception("STOW part failed")
+            failed.append(_failed_item(part.data, CxrError(f"processing failed ({type(exc).__name__})")))
             continue
         stored.append(_sop_item(part.data, accepted))
     status = 200 if not failed else (202 if stored else 409)

@@ -52,14 +52,15 @@ def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
     ds = read_dataset(data)
     _check_image_module(ds, limits)
     stored = _stored_values(ds)
-    pixels = _to_display(stored, ds)
-    return DecodedImage(
-        pixels=pixels,
-        source="dicom",
-        bits=int(ds.BitsStored),
-        warnings=_warnings(ds),
-        dicom=_kept(ds),
-    )
+    try:
+        pixels = _to_display(stored, ds)
+        return DecodedImage(
+            pixels=pixels, source="dicom", bits=int(ds.BitsStored), warnings=_warnings(ds), dicom=_kept(ds)
+        )
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        # Malformed LUT/window/rescale attributes (e.g. WindowWidth 0, a text RescaleSlope).
+        message = f"the grayscale attributes are malformed ({type(exc).__name__}: {exc})"
+        raise CorruptImage(message[:300]) from exc
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -100,6 +101,8 @@ def _check_image_module(ds: Dataset, limits: ImageLimits) -> None:
     if rows * cols > limits.max_pixels:
         raise ImageTooLarge(f"image is {cols}x{rows} pixels, above the limit of {limits.max_pixels}")
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is not None and not tsyntax.is_transfer_syntax:
+        raise UnsupportedTransferSyntax(f"transfer syntax {tsyntax} is unknown; send a standard one")
     if tsyntax is not None and tsyntax.is_compressed:
         try:
             available = get_decoder(tsyntax).is_available

@@ -11,6 +11,7 @@ comes back after its lease expired and the job was re-delivered cannot store a s
 """
 
 import json
+import struct
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,14 @@ def _text(fields: Mapping[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"payload"}
 
 
+def _payload(blob: bytes | None) -> ModelInput | None:
+    """The job's model input; None when missing or unreadable (that job then fails alone)."""
+    try:
+        return payload.loads(blob) if blob else None
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
 class JobQueue:
     def __init__(self, client: redis.Redis, max_wait_s: Mapping[str, float]) -> None:
         self.r = client
@@ -96,8 +105,7 @@ class JobQueue:
         out = []
         for job_id, token, blob, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            item = payload.loads(blob) if blob else None
-            out.append(LeasedJob(job_id.decode(), int(token), item, _text(fields)))
+            out.append(LeasedJob(job_id.decode(), int(token), _payload(blob), _text(fields)))
         return out
 
     def complete(

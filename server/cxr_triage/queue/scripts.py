@@ -11,7 +11,12 @@ local function raise_place(job_key, job_id, place, reason)
   local study = redis.call('HGET', job_key, 'study_uid')
   if (not study) or study == '' or redis.call('HGET', job_key, 'track') ~= '1' then return end
   local sk = 'cxr:study:' .. study
-  if redis.call('HEXISTS', sk, 'reported_at') == 1 then return end
+  if redis.call('HEXISTS', sk, 'reported_at') == 1 then
+    -- read already: only an abnormal (or unscored) new image brings the study back
+    if tonumber(place) < 1 then return end
+    redis.call('HDEL', sk, 'reported_at')
+    reason = 'new image after the report: ' .. reason
+  end
   local old = redis.call('ZSCORE', 'cxr:worklist', study)
   if (not old) or tonumber(place) > tonumber(old) then
     redis.call('ZADD', 'cxr:worklist', place, study)
@@ -39,7 +44,10 @@ local id, deadline, now, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local instance_key, study, track, rank, header = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 if instance_key ~= '' then
   local existing = redis.call('GET', instance_key)
-  if existing then return {0, existing} end
+  -- a failed job does not block a new try of the same instance
+  if existing and redis.call('HGET', 'cxr:job:' .. existing, 'status') ~= 'failed' then
+    return {0, existing}
+  end
   redis.call('SET', instance_key, id)
 end
 local fields = {}

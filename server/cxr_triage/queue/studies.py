@@ -3,6 +3,7 @@
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -100,7 +101,8 @@ class StudyStore:
 
     def report(self, uid: str, labels: Mapping[str, bool], reader: str) -> dict[str, Any]:
         """Store final labels durably and take the study off the worklist (one MULTI)."""
-        record = {"study_uid": uid, "labels": dict(labels), "reader": reader, "reported_at": time.time()}
+        now = datetime.now(UTC).isoformat()
+        record = {"study_uid": uid, "labels": dict(labels), "reader": reader, "reported_at": now}
         body = json.dumps(record)
         pipe = self.r.pipeline(transaction=True)
         pipe.set(f"cxr:report:{uid}", body)

@@ -6,6 +6,7 @@ holds configuration only and ``setup`` loads the repository and engines in the w
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -16,11 +17,12 @@ from typing import Annotated, Any
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation at
 # run time to build the route, and a string annotation breaks it (ENVIRONMENT.md).
 import litserve as ls
+import numpy as np
 from fastapi import Depends
 
 from cxr_triage.config import Settings
 from cxr_triage.engines import Engine, OnnxEngine
-from cxr_triage.errors import CxrError, NotReady
+from cxr_triage.errors import CxrError, NotReady, RepositoryError
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
@@ -69,7 +71,8 @@ class TriageAPI(ls.LitAPI):
         for name in self.served:
             entry = repo.get(name)
             version = entry.latest
-            assert version is not None, f"{name} has no version"  # the server checked before start
+            if version is None:
+                raise RepositoryError(f"{name} has no version; run `cxr-triage export {name}`")
             engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
             self.models[name] = LoadedModel(entry, version, engine)
             metrics.MODEL_INFO.labels(name, version.version, version.metadata.weights, engine.backend).set(1)
@@ -80,7 +83,8 @@ class TriageAPI(ls.LitAPI):
                 engine.backend,
                 version.metadata.weights,
             )
-        assert self.settings.redis_url, "build_service sets redis_url before workers start"
+        if not self.settings.redis_url:
+            raise NotReady("no Redis URL: build_service sets it before workers start")
         self.queue = JobQueue(RedisHandle(self.settings.redis_url).client(), self.settings.max_wait_s)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -125,6 +129,8 @@ class TriageAPI(ls.LitAPI):
             failed = not isinstance(outcome, dict)
             place = UNSCORED_PLACE if failed else place_of(body)
             reason = f"unscored: {body['error']['message']}" if failed else place_reason(body)
+            if not math.isfinite(place):  # never let a NaN reach Redis
+                place, reason = UNSCORED_PLACE, "unscored: the model gave no finite score"
             if self.queue.complete(job, body, failed, place, reason):
                 stored.append((job.job_id, body))
         return stored
@@ -180,7 +186,15 @@ class TriageAPI(ls.LitAPI):
                 log.exception("engine failed on job %s", jobs[0].job_id)
                 return [CxrError("the engine failed on this image; it is logged with the job id")]
             return [o for job in jobs for o in self._score_group(name, [job])]
-        return [self._result(model, job, p, infer_s, len(jobs)) for job, p in zip(jobs, probs, strict=True)]
+        n = len(jobs)
+        return [self._safe_result(model, job, p, infer_s, n) for job, p in zip(jobs, probs, strict=True)]
+
+    def _safe_result(self, model: LoadedModel, job: LeasedJob, probs: Any, infer_s: float, n: int) -> Outcome:
+        try:
+            return self._result(model, job, probs, infer_s, n)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.exception("could not build the result of job %s", job.job_id)
+            return CxrError(f"the result could not be built ({type(exc).__name__}); it is logged")
 
     def _run(self, model: LoadedModel, jobs: list[LeasedJob]) -> tuple[Any, float]:
         if any(job.input is None for job in jobs):
@@ -191,6 +205,9 @@ class TriageAPI(ls.LitAPI):
         t0 = time.perf_counter()
         probs = model.engine.run(tensor)
         elapsed = time.perf_counter() - t0
+        expected = (len(jobs), len(model.entry.config.labels))
+        if probs.shape != expected or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
+            raise ValueError(f"engine output {probs.shape} is not {expected} probabilities in 0-1")
         ref = model.ref
         metrics.BATCH_SIZE.labels(ref["name"]).observe(len(jobs))
         metrics.INFERENCE_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).observe(elapsed)

@@ -5,6 +5,7 @@ import logging
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr_triage.errors import CxrError
@@ -26,10 +27,16 @@ _STATUS_CODES = {
 }
 
 
+_RETRY = {"Retry-After": "1"}
+
+
+def _retry_headers(status: int) -> dict[str, str] | None:
+    return _RETRY if status in (429, 503) else None
+
+
 def to_http_exception(err: CxrError) -> HTTPException:
     """For the inference worker: LitServe carries an HTTPException back to the HTTP process."""
-    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
-    return HTTPException(status_code=err.status, detail=err.to_dict(), headers=headers)
+    return HTTPException(status_code=err.status, detail=err.to_dict(), headers=_retry_headers(err.status))
 
 
 def error_response(
@@ -44,8 +51,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CxrError)
     async def _cxr(_: Request, exc: CxrError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-        return error_response(exc.status, exc.code, exc.message, headers)
+        return error_response(exc.status, exc.code, exc.message, _retry_headers(exc.status))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -58,6 +64,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500 and code == "internal_error":
             message = "internal error; it is logged with the request id. Please report it."
         return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
+
+    @app.exception_handler(RedisError)
+    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+        log.error("Redis failed: %s", type(exc).__name__)
+        return error_response(503, "not_ready", "the job queue (Redis) is unavailable; retry shortly", _RETRY)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; it is logged. Please report it.")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

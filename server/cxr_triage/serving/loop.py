@@ -2,7 +2,7 @@
 
 LitServe stays the HTTP server: a synchronous ``/v1/predict`` request arrives here as a
 Ticket (its job is already in Redis). The loop does not batch tickets in arrival order; it
-leases the most urgent jobs from Redis (``TriageAPI.next_batch``), whichever route queued
+leases the most urgent jobs from Redis (``TriageAPI.run_batch``), whichever route queued
 them, scores them, and answers each ticket when its job has an outcome — whichever worker
 scored it. Tickets double as wake-ups: a new one means a new job.
 """
@@ -32,8 +32,9 @@ class Waiting:
         self.by_job: dict[str, list[tuple[int, str, float]]] = {}
         self.last_poll = 0.0
 
-    def add(self, queue_id: int, uid: str, job_id: str) -> None:
-        self.by_job.setdefault(job_id, []).append((queue_id, uid, time.monotonic()))
+    def add(self, queue_id: int, uid: str, job_id: str, since: float) -> None:
+        """``since``: LitServe's time.monotonic() at submission (CLOCK_MONOTONIC is system-wide)."""
+        self.by_job.setdefault(job_id, []).append((queue_id, uid, since))
 
     def pop(self, job_id: str) -> list[tuple[int, str, float]]:
         return self.by_job.pop(job_id, [])
@@ -68,9 +69,15 @@ class TriageLoop(LitLoop):
             try:
                 if not self._step(lit_api, request_queue, transport, waiting):
                     return
+                continue
             except RedisError:
                 log.exception("the Redis queue failed; retrying in 1 s")
-                time.sleep(1.0)
+            except Exception:
+                log.exception("the worker loop failed; going on")
+            # Keep answering: requests still time out (504) while Redis is away.
+            if not self._take_tickets(request_queue, transport, waiting, 1.0):
+                return
+            self._expire(transport, waiting, lit_api.request_timeout)
 
     def _step(self, lit_api: Any, request_queue: Any, transport: Any, waiting: "Waiting") -> bool:
         """One turn: take tickets, re-deliver expired leases, run a batch, answer. False: stop."""
@@ -87,9 +94,12 @@ class TriageLoop(LitLoop):
             waiting.last_poll = time.monotonic()
             for job_id, outcome in lit_api.finished(list(waiting.by_job)):
                 self._answer(transport, waiting.pop(job_id), outcome)
-        for queue_id, uid in waiting.expired(lit_api.request_timeout):
-            self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
+        self._expire(transport, waiting, lit_api.request_timeout)
         return True
+
+    def _expire(self, transport: Any, waiting: Waiting, timeout: float) -> None:
+        for queue_id, uid in waiting.expired(timeout):
+            self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
 
     def _take_tickets(self, request_queue: Any, transport: Any, waiting: Waiting, block_s: float) -> bool:
         """Drain new tickets, blocking up to ``block_s`` for the first. False on shutdown."""
@@ -101,8 +111,8 @@ class TriageLoop(LitLoop):
                 return True
             if item == _SENTINEL_VALUE:
                 return False
-            queue_id, uid, _, ticket = item
-            waiting.add(queue_id, uid, ticket.job_id)
+            queue_id, uid, since, ticket = item
+            waiting.add(queue_id, uid, ticket.job_id, since)
             # Tells LitServe which worker holds this request, so that if this worker dies the
             # request is answered (with an error) instead of waiting forever; the job itself
             # stays in Redis and is re-delivered.

@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from cxr_triage.errors import BadRequest, CxrError
+from cxr_triage.errors import BadRequest, StudyNotFound
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.schemas import ErrorResponse, Priority, ReportIn, StudyAccepted
 from cxr_triage.serving.intake import _MODEL_QUERY, _PRIORITY_QUERY, Intake
@@ -12,10 +12,6 @@ from cxr_triage.serving.intake import _MODEL_QUERY, _PRIORITY_QUERY, Intake
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)
 }
-
-
-class StudyNotFound(CxrError):
-    code, status = "study_not_found", 404
 
 
 def build_study_router(intake: Intake, studies: StudyStore) -> APIRouter:
