@@ -118,7 +118,3 @@ class RepositoryError(CxrError):
 
 class ExportError(CxrError):
     code, status = "export_failed", 500
-
-
-class ConfigError(CxrError):
-    code, status = "invalid_config", 500

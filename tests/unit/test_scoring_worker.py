@@ -23,7 +23,7 @@ def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
 ) -> None:
     redis.Redis.from_url(embedded_redis).flushall()
     settings = Settings(model_repo=exported_repo, redis_url=embedded_redis)
-    api = TriageAPI(settings, ["densenet121-nih14"], BatchingSpec(max_batch_size=8))
+    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=8))
     api.setup("cpu")
     calls: list[int] = []
     engine = api.models["densenet121-nih14"].engine

@@ -75,9 +75,3 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-def mark_process_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (counters and histograms keep their totals)."""
-    if is_multiprocess():
-        multiprocess.mark_process_dead(pid)

@@ -103,6 +103,9 @@ end
 redis.call('HSET', jk, 'status', ARGV[3], 'outcome', ARGV[4], 'finished_at', ARGV[5])
 redis.call('ZREM', 'cxr:leases', id)
 redis.call('DEL', 'cxr:payload:' .. id)
+if redis.call('HGET', jk, 'track') ~= '1' then
+  redis.call('EXPIRE', jk, 3600)  -- a synchronous job is answered; keep it an hour for late pollers
+end
 raise_place(jk, id, ARGV[6], ARGV[7])
 study_finished(jk)
 return 1

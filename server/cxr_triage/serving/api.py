@@ -11,7 +11,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation at
@@ -51,7 +51,9 @@ class LoadedModel:
 class TriageAPI(ls.LitAPI):
     """Leases batches from the Redis queue, scores them, stores outcomes; see TriageLoop."""
 
-    def __init__(self, settings: Settings, served: Sequence[str], batching: BatchingSpec) -> None:
+    def __init__(self, settings: Settings, served: Mapping[str, str], batching: BatchingSpec) -> None:
+        """``served``: model name -> version, pinned at start-up so a restarted worker loads the
+        same version the HTTP process validated (not whatever was exported since)."""
         super().__init__(
             max_batch_size=batching.max_batch_size,
             batch_timeout=batching.batch_timeout_ms / 1000.0,
@@ -59,7 +61,7 @@ class TriageAPI(ls.LitAPI):
             loop=TriageLoop(),
         )
         self.settings = settings
-        self.served = list(served)
+        self.served = dict(served)
         self.models: dict[str, LoadedModel] = {}
         self._first_ready: float | None = None
         self._next_reap = 0.0
@@ -68,11 +70,11 @@ class TriageAPI(ls.LitAPI):
         repo = ModelRepository.load(
             self.settings.model_repo, self.settings.default_model, check_engines=False
         )
-        for name in self.served:
+        for name, pinned in self.served.items():
             entry = repo.get(name)
-            version = entry.latest
+            version = entry.versions.get(pinned)
             if version is None:
-                raise RepositoryError(f"{name} has no version; run `cxr-triage export {name}`")
+                raise RepositoryError(f"{name} version {pinned} is gone from the repository; restart")
             engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
             self.models[name] = LoadedModel(entry, version, engine)
             metrics.MODEL_INFO.labels(name, version.version, version.metadata.weights, engine.backend).set(1)

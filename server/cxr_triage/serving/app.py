@@ -40,7 +40,10 @@ class Service:
         signal.signal(signal.SIGTERM, functools.partial(_interrupt, os.getpid()))
         publisher = self._start_publisher()
         try:
-            self.server.run(host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False)
+            # No uvicorn access log: its request paths carry study UIDs.
+            self.server.run(
+                host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False, access_log=False
+            )
         finally:
             if publisher is not None:
                 publisher.terminate()
@@ -97,7 +100,8 @@ def build_service(settings: Settings) -> Service:
         version = repo.models[name].latest
         if version is not None and version.metadata.weights == "untrained":
             log.warning("%s version %s: %s", name, version.version, UNTRAINED_WARNING.upper())
-    api = TriageAPI(settings, served, repo.get(None).config.batching)
+    pinned = {name: version.version for name in served if (version := repo.models[name].latest) is not None}
+    api = TriageAPI(settings, pinned, repo.get(None).config.batching)
     server = ls.LitServer(
         api,
         accelerator="cpu",

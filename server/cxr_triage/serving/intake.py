@@ -86,16 +86,21 @@ class Intake:
         await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
 
     async def prepare(self, data: bytes, media_type: str, model: str) -> ModelInput:
+        """Decode in the pool. A pool broken by another upload's crash is rebuilt and this one
+        retried once; crashing a fresh pool too means this image is what kills the decoder."""
         spec = self.repository.get(model).config.input
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(
-                self.pool(), imaging.prepare, data, media_type, spec, self.limits
-            )
-        except BrokenProcessPool as exc:
-            log.error("a decoding process died; restarting the pool")
-            self._pool = None
-            raise CorruptImage("decoding this image crashed the decoder; check the file") from exc
+        for attempt in range(2):
+            pool = self.pool()
+            try:
+                return await loop.run_in_executor(pool, imaging.prepare, data, media_type, spec, self.limits)
+            except BrokenProcessPool as exc:
+                log.error("a decoding process died; restarting the pool")
+                if self._pool is pool:
+                    self._pool = None
+                if attempt:
+                    raise CorruptImage("decoding this image crashed the decoder; check the file") from exc
+        raise AssertionError("unreachable")
 
     def resolve_model(self, name: str | None) -> str:
         entry = self.repository.get(name)
