@@ -91,12 +91,21 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(
-    repo: Path, env: dict[str, str] | None = None, timeout: float = 90.0, port: int | None = None
+    repo: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+    port: int | None = None,
+    log_path: Path | None = None,
 ) -> Iterator[str]:
     """The real server as a process on a free 127.0.0.1 port; yields its base URL once /ready is 200."""
     port = port or free_port()
     full_env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_PORT": str(port), **(env or {})}
-    log = tempfile.NamedTemporaryFile(prefix="cxr-server-", suffix=".log", delete=False)  # noqa: SIM115
+    keep = log_path is not None
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="cxr-server-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr_triage", "serve"],
         env=full_env,
@@ -106,12 +115,13 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, timeout, Path(log.name))
+        _wait_ready(proc, url, timeout, log_path)
         yield url
     finally:
         stop(proc)
         log.close()
-        Path(log.name).unlink(missing_ok=True)
+        if not keep:
+            log_path.unlink(missing_ok=True)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:

@@ -153,3 +153,27 @@ def feedback_export(
     store = StudyStore(handle.client(), lambda name: repo.get(name).config.critical_findings)
     rows = export_feedback(store, config.labels, out)
     console.print(f"{rows} image rows from reported studies written to {out}")
+
+
+pacs = typer.Typer(help="PACS integration (DICOMweb).", no_args_is_help=True)
+app.add_typer(pacs, name="pacs")
+
+
+@pacs.command("pull")
+def pacs_pull(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID to fetch from CXR_PACS_URL")],
+    server: Annotated[str, typer.Option(help="the running cxr-triage")] = "http://127.0.0.1:8000",
+) -> None:
+    """Ask the running service to fetch a study from its PACS (WADO-RS) and score it."""
+    import httpx
+
+    response = httpx.post(f"{server}/v1/pacs/pull", json={"study_uid": study_uid}, timeout=300)
+    if response.status_code != 202:
+        console.print(Text(f"pull failed ({response.status_code}): {response.text}", style="red"))
+        raise typer.Exit(2)
+    body = response.json()
+    for instance in body["instances"]:
+        queued = "already queued" if instance.get("duplicate") else "queued"
+        state = instance.get("error", {}).get("message") or queued
+        console.print(f"{instance['instance_uid']}: {state}")
+    console.print(f"status: {server}{body['status_url']}")

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     pacs_username: str | None = None
     pacs_password: SecretStr | None = None
     pacs_store_sr: bool = Field(True, description="store a DICOM SR of each scored study back to the PACS")
+    pacs_poll_s: float = Field(0.0, ge=0, description="poll the PACS for new CR/DX studies (s); 0 = off")
     metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

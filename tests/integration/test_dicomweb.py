@@ -13,6 +13,7 @@ from dicomweb_client.api import DICOMwebClient
 from tests.helpers import dataset_bytes, dicom_bytes, dicom_path, free_port, orthanc, running_server
 
 REFERENCED, FAILED, REASON, COMMENT = "00081199", "00081198", "00081197", "00000902"
+SERVER_LOG: list[Path] = [Path()]  # the PACS-loop server's log, scanned for PHI
 
 
 def rg1_copy(study: str | None = None) -> pydicom.Dataset:
@@ -137,13 +138,16 @@ def pacs_loop(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """Orthanc pushing to a cxr-triage that stores its SRs back to that Orthanc."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("pacs-loop")
+    SERVER_LOG[0] = workdir / "server.log"
     with orthanc(workdir / "orthanc", {"cxr": [f"http://127.0.0.1:{port}/dicom-web/"]}) as pacs:
         env = {
             "CXR_PACS_URL": f"{pacs}/dicom-web",
+            "CXR_PACS_POLL_S": "1",
             "CXR_DATA_DIR": str(workdir / "data"),
             "CXR_DECODE_WORKERS": "1",
+            "CXR_LOG_LEVEL": "debug",
         }
-        with running_server(exported_repo, env, port=port) as url:
+        with running_server(exported_repo, env, port=port, log_path=SERVER_LOG[0]) as url:
             yield url, pacs
 
 
@@ -185,3 +189,70 @@ def test_sr_is_stored_back_to_the_pacs_with_references_and_provenance(pacs_loop:
     ]
     source = items["Source of Measurement"].ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+
+
+def store_in_pacs(pacs: str, ds: pydicom.Dataset) -> str:
+    response = httpx.post(f"{pacs}/instances", content=dataset_bytes(ds), timeout=60)
+    assert response.status_code == 200, response.text
+    return str(response.json()["ID"])
+
+
+def test_pull_retrieves_a_study_the_pacs_did_not_push(pacs_loop: tuple[str, str]) -> None:
+    url, pacs = pacs_loop
+    ds = rg1_copy()  # StudyDate 2004: older than the poller looks, so only the pull finds it
+    store_in_pacs(pacs, ds)
+    response = httpx.post(f"{url}/v1/pacs/pull", json={"study_uid": ds.StudyInstanceUID}, timeout=120)
+    assert response.status_code == 202, response.text
+    (instance,) = response.json()["instances"]
+    assert instance["instance_uid"] == ds.SOPInstanceUID and not instance["duplicate"]
+    assert wait_done(url, ds.StudyInstanceUID)["status"] == "done"
+    bad = httpx.post(f"{url}/v1/pacs/pull", json={"study_uid": "not a uid"}, timeout=30)
+    assert bad.status_code == 400
+
+
+def test_poller_finds_new_cr_studies_by_itself(pacs_loop: tuple[str, str]) -> None:
+    url, pacs = pacs_loop
+    ds = rg1_copy()
+    ds.StudyDate = time.strftime("%Y%m%d", time.gmtime())
+    store_in_pacs(pacs, ds)
+    assert wait_done(url, ds.StudyInstanceUID, timeout=90)["status"] == "done"
+
+
+def test_pull_without_a_pacs_is_503(server: str) -> None:
+    response = httpx.post(f"{server}/v1/pacs/pull", json={"study_uid": "1.2.3"}, timeout=30)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+
+
+def test_no_phi_in_logs_or_metrics(pacs_loop: tuple[str, str]) -> None:
+    url, pacs = pacs_loop
+    ds = rg1_copy()
+    phi = {"PatientName": "SECRETNAME^PHI", "PatientID": "PHI-ID-98765", "PatientBirthDate": "19010203",
+           "AccessionNumber": "ACC-PHI-4242"}  # fmt: skip
+    for keyword, value in phi.items():
+        setattr(ds, keyword, value)
+    instance_id = store_in_pacs(pacs, ds)
+    body = {"Resources": [instance_id], "Synchronous": True}
+    assert httpx.post(f"{pacs}/dicom-web/servers/cxr/stow", json=body, timeout=120).status_code == 200
+    wait_done(url, ds.StudyInstanceUID)
+    sr = find_sr(pacs, ds.StudyInstanceUID)  # the SR carries the patient (it belongs to the study) …
+    assert sr.PatientID == phi["PatientID"]
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    log = SERVER_LOG[0].read_text(errors="replace")
+    assert "SR stored to the PACS" in log  # … the debug log really covered that path
+    for value in (*phi.values(), "SECRETNAME"):
+        assert value not in log, f"{value} leaked into the log"
+        assert value not in metrics, f"{value} leaked into the metrics"
+
+
+def test_cli_pull_asks_the_running_service(pacs_loop: tuple[str, str]) -> None:
+    import subprocess
+    import sys
+
+    url, pacs = pacs_loop
+    ds = rg1_copy()
+    store_in_pacs(pacs, ds)
+    command = [sys.executable, "-m", "cxr_triage", "pacs", "pull", ds.StudyInstanceUID, "--server", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{ds.SOPInstanceUID}: queued" in result.stderr
+    assert wait_done(url, ds.StudyInstanceUID)["status"] == "done"

@@ -73,20 +73,35 @@ class SrPublisher:
         log.info("SR stored to the PACS")
 
 
-def run_publisher(settings: Settings) -> None:
-    """Entry point of the publisher process (spawned by the service when a PACS is configured)."""
+def run_pacs_worker(settings: Settings) -> None:
+    """Entry point of the PACS process (spawned by the service when CXR_PACS_URL is set): stores
+    SRs from the outbox (unless CXR_PACS_STORE_SR=false) and polls for new studies when
+    CXR_PACS_POLL_S > 0."""
+    from cxr_triage.dicomweb.pull import PacsPuller
+    from cxr_triage.imaging import ImageLimits
+
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=settings.log_level.upper(), format=log_format)
-    assert settings.redis_url
+    if not settings.redis_url:
+        raise RuntimeError("the PACS worker needs the service's Redis URL")
     client = RedisHandle(settings.redis_url).client()
     queue = JobQueue(client, settings.max_wait_s)
     repo = ModelRepository.load(settings.model_repo, settings.default_model, check_engines=False)
     store = StudyStore(client, lambda name: repo.get(name).config.critical_findings)
-    publisher = SrPublisher(client, queue, store, pacs_client(settings))
-    publisher.recover()
+    pacs = pacs_client(settings)
+    publisher = SrPublisher(client, queue, store, pacs) if settings.pacs_store_sr else None
+    limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+    puller = PacsPuller(pacs, queue, repo, limits) if settings.pacs_poll_s > 0 else None
+    if publisher is not None:
+        publisher.recover()
+    next_poll = 0.0
     while True:
         try:
-            publisher.step()
-        except redis.RedisError:
-            log.exception("Redis failed; retrying in 1 s")
-            time.sleep(1.0)
+            if puller is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + settings.pacs_poll_s
+                puller.poll_once(client)
+            if publisher is None or not publisher.step(timeout=1.0):
+                time.sleep(0.0 if publisher else 0.5)
+        except (redis.RedisError, requests.RequestException, OSError) as exc:
+            log.warning("PACS worker: %s; retrying in 2 s", type(exc).__name__)
+            time.sleep(2.0)

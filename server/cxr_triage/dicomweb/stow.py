@@ -12,13 +12,16 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
+import requests
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cxr_triage.dicomweb.multipart import Part, related_boundary, split
-from cxr_triage.errors import CxrError
+from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.serving.intake import Intake, _read_body, _request_id
 
 log = logging.getLogger(__name__)
@@ -38,17 +41,37 @@ PROCESSING_FAILURE = 0x0110
 
 
 def build_stow_router(intake: Intake) -> APIRouter:
-    router = APIRouter(prefix="/dicom-web")
+    """STOW-RS under /dicom-web, and POST /v1/pacs/pull."""
+    router = APIRouter()
 
-    @router.post("/studies", summary="STOW-RS: store instances (each becomes a scoring job)")
+    @router.post("/dicom-web/studies", summary="STOW-RS: store instances (each becomes a scoring job)")
     async def stow(request: Request) -> Response:
         return await receive(request, intake, None)
 
-    @router.post("/studies/{study_uid}", summary="STOW-RS into one study")
+    @router.post("/dicom-web/studies/{study_uid}", summary="STOW-RS into one study")
     async def stow_study(request: Request, study_uid: str) -> Response:
         return await receive(request, intake, study_uid)
 
+    @router.post("/v1/pacs/pull", summary="Pull a study from CXR_PACS_URL (WADO-RS)", status_code=202)
+    async def pull(body: PullIn) -> dict[str, Any]:
+        if not intake.settings.pacs_url:
+            raise NotReady("no PACS is configured; set CXR_PACS_URL to its DICOMweb root")
+        from cxr_triage.dicomweb.publisher import pacs_client
+        from cxr_triage.dicomweb.pull import PacsPuller
+
+        puller = PacsPuller(pacs_client(intake.settings), intake.queue, intake.repository, intake.limits)
+        try:
+            instances = await run_in_threadpool(puller.pull_study, body.study_uid)
+        except requests.RequestException as exc:
+            raise NotReady(f"the PACS did not answer the retrieve ({type(exc).__name__})") from exc
+        status_url = f"/v1/studies/{body.study_uid}"
+        return {"study_uid": body.study_uid, "instances": instances, "status_url": status_url}
+
     return router
+
+
+class PullIn(BaseModel):
+    study_uid: str = Field(..., pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
 
 
 async def receive(request: Request, intake: Intake, study_uid: str | None) -> Response:

@@ -51,16 +51,16 @@ class Service:
             self.redis.close()
 
     def _start_publisher(self) -> BaseProcess | None:
-        """The SR publisher process, when a PACS is configured and CXR_PACS_STORE_SR is on."""
+        """The PACS process (SRs back to the PACS, polling), when CXR_PACS_URL is set."""
         s = self.intake.settings
-        if not (s.pacs_url and s.pacs_store_sr):
+        if not (s.pacs_url and (s.pacs_store_sr or s.pacs_poll_s > 0)):
             return None
-        from cxr_triage.dicomweb.publisher import run_publisher
+        from cxr_triage.dicomweb.publisher import run_pacs_worker
 
         context = get_context("spawn")
-        process = context.Process(target=run_publisher, args=(s,), name="sr-publisher", daemon=True)
+        process = context.Process(target=run_pacs_worker, args=(s,), name="pacs-worker", daemon=True)
         process.start()
-        log.info("storing SRs back to the PACS")
+        log.info("PACS worker started (store SR: %s, poll: %s s)", s.pacs_store_sr, s.pacs_poll_s or "off")
         return process
 
 

@@ -146,24 +146,42 @@ class Intake:
         start = time.perf_counter()
         prepared = await self.prepare(data, media_type, name)
         metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
-        modality = prepared.dicom.get("Modality", "")
-        if modalities is not None and modality not in modalities:
-            raise WrongModality(f"modality {modality or 'unknown'} is not scored; send {sorted(modalities)}")
-        study_uid, instance_uid = _uids(prepared, uids) if track else ("", "")
-        job = NewJob(
-            model=name,
-            priority=priority or dicom_priority(prepared.dicom) or "routine",
-            input=prepared,
-            request_id=request_id,
-            study_uid=study_uid,
-            instance_uid=instance_uid,
-            track=track,
-            header=source_header(data) if track and prepared.source == "dicom" else b"",
-        )
+        job = make_job(data, prepared, name, priority, track, uids, request_id, modalities)
         submitted = self.queue.submit(job)
-        return Accepted(
-            submitted.job_id, submitted.duplicate, request_id, name, job.priority, study_uid, instance_uid
-        )
+        ids = (job.study_uid, job.instance_uid)
+        return Accepted(submitted.job_id, submitted.duplicate, request_id, name, job.priority, *ids)
+
+
+def make_job(
+    data: bytes,
+    prepared: ModelInput,
+    name: str,
+    priority: Priority | None,
+    track: bool,
+    uids: tuple[str, str],
+    request_id: str,
+    modalities: frozenset[str] | None = None,
+) -> NewJob:
+    """The queue job for a decoded upload: priority (request > DICOM tag > routine), UIDs, header.
+
+    Raises:
+        WrongModality: ``modalities`` given and the DICOM Modality is not among them.
+        BadRequest: a caller-given UID is not a DICOM UID.
+    """
+    modality = prepared.dicom.get("Modality", "")
+    if modalities is not None and modality not in modalities:
+        raise WrongModality(f"modality {modality or 'unknown'} is not scored; send {sorted(modalities)}")
+    study_uid, instance_uid = _uids(prepared, uids) if track else ("", "")
+    return NewJob(
+        model=name,
+        priority=priority or dicom_priority(prepared.dicom) or "routine",
+        input=prepared,
+        request_id=request_id,
+        study_uid=study_uid,
+        instance_uid=instance_uid,
+        track=track,
+        header=source_header(data) if track and prepared.source == "dicom" else b"",
+    )
 
 
 _PRIORITY_QUERY = Query(
