@@ -151,6 +151,21 @@ def pacs_loop(exported_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             yield url, pacs
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def find_instance(pacs: str, study_uid: str, sop_class: str, timeout: float = 60) -> pydicom.Dataset:
+    client = DICOMwebClient(url=f"{pacs}/dicom-web")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for found in client.search_for_instances(study_uid):
+            if found.get("00080016", {}).get("Value") == [sop_class]:
+                series, sop = found["0020000E"]["Value"][0], found["00080018"]["Value"][0]
+                return client.retrieve_instance(study_uid, series, sop)
+        time.sleep(0.3)
+    raise TimeoutError(f"no {sop_class} instance in the PACS")
+
+
 def find_sr(pacs: str, study_uid: str, timeout: float = 60) -> pydicom.Dataset:
     client = DICOMwebClient(url=f"{pacs}/dicom-web")
     deadline = time.monotonic() + timeout
@@ -189,6 +204,10 @@ def test_sr_is_stored_back_to_the_pacs_with_references_and_provenance(pacs_loop:
     ]
     source = items["Source of Measurement"].ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    heatmap = find_instance(pacs, ds.StudyInstanceUID, SECONDARY_CAPTURE)
+    assert heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert heatmap.PhotometricInterpretation == "RGB" and heatmap.pixel_array.shape[2] == 3
+    assert heatmap.StudyInstanceUID == ds.StudyInstanceUID and "class activation map" in heatmap.ImageComments
 
 
 def store_in_pacs(pacs: str, ds: pydicom.Dataset) -> str:
@@ -238,7 +257,7 @@ def test_no_phi_in_logs_or_metrics(pacs_loop: tuple[str, str]) -> None:
     assert sr.PatientID == phi["PatientID"]
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     log = SERVER_LOG[0].read_text(errors="replace")
-    assert "SR stored to the PACS" in log  # … the debug log really covered that path
+    assert "stored to the PACS" in log  # … the debug log really covered that path
     for value in (*phi.values(), "SECRETNAME"):
         assert value not in log, f"{value} leaked into the log"
         assert value not in metrics, f"{value} leaked into the metrics"

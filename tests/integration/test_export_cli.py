@@ -86,3 +86,13 @@ def test_check_repo_reports_versions(exported_repo: Path) -> None:
     result = cli("check-repo", "--model-repo", str(exported_repo))
     assert result.returncode == 0, result.stderr
     assert "densenet121-nih14: version 1 (untrained)" in result.stderr
+
+
+def test_densenet_engine_gives_class_activation_maps_that_explain_its_scores(exported_repo: Path) -> None:
+    version = ModelRepository.load(exported_repo).get("densenet121-nih14").latest
+    assert version is not None and version.metadata.engine.heatmap_output == "cam"
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    probs, cam = OnnxEngine(version.engine_path, "cpu").run_with_heatmaps(x)
+    assert cam is not None and cam.shape[:2] == (2, 14) and cam.ndim == 4
+    # Global average pooling then a linear head: the map's mean is the logit of the probability.
+    np.testing.assert_allclose(cam.mean(axis=(2, 3)), np.log(probs / (1 - probs)), atol=1e-3)

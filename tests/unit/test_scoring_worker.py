@@ -27,13 +27,13 @@ def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
     api.setup("cpu")
     calls: list[int] = []
     engine = api.models["densenet121-nih14"].engine
-    original = engine.run
+    original = engine.run_with_heatmaps
 
-    def counting_run(batch: np.ndarray) -> np.ndarray:
+    def counting_run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         calls.append(len(batch))
         return original(batch)
 
-    engine.run = counting_run  # type: ignore[method-assign]
+    engine.run_with_heatmaps = counting_run  # type: ignore[method-assign]
     good = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     for rid in "abc":
         submit(api.queue, good, rid)

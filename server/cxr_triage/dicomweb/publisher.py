@@ -8,22 +8,27 @@ then drops it; a PACS that is down is retried with back-off.
 
 import logging
 import time
+from collections.abc import Sequence
 from io import BytesIO
+from typing import Any
 
 import pydicom
 import redis
 import requests
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from cxr_triage.config import Settings
+from cxr_triage.dicomweb.heatmap import heatmap_sc, overlay, top_finding
 from cxr_triage.dicomweb.sr import build_sr
 from cxr_triage.queue import JobQueue, RedisHandle
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
 
 log = logging.getLogger(__name__)
-OUTBOX, WORKING = "cxr:outbox:sr", "cxr:outbox:sr:working"
+OUTBOX, WORKING, FAILED = "cxr:outbox:sr", "cxr:outbox:sr:working", "cxr:outbox:sr:failed"
 
 
 def pacs_client(settings: Settings) -> DICOMwebClient:
@@ -51,10 +56,14 @@ class SrPublisher:
         uid = study.decode()
         try:
             self.publish(uid)
-        except (requests.RequestException, OSError, ValueError) as exc:
+        except (requests.RequestException, OSError) as exc:
             log.warning("storing the SR of a study failed (%s); retrying later", type(exc).__name__)
             self.r.lmove(WORKING, OUTBOX, "RIGHT", "RIGHT")
             time.sleep(2.0)
+            return True
+        except Exception:
+            log.exception("writing the SR of a study failed; it is parked in %s", FAILED)
+            self.r.lmove(WORKING, FAILED, "RIGHT", "RIGHT")
             return True
         self.r.lrem(WORKING, 1, study)
         return True
@@ -64,13 +73,26 @@ class SrPublisher:
         if not found or not found["result"]:
             log.info("study has no scored image; no SR written")
             return
-        done = [i["job_id"] for i in found["instances"] if i["status"] == "done"]
-        headers = [pydicom.dcmread(BytesIO(h)) for h in self.queue.headers(done) if h]
-        if not headers:
+        done = [i for i in found["instances"] if i["status"] == "done"]
+        raw = self.queue.headers([i["job_id"] for i in done])
+        pairs = [(i, pydicom.dcmread(BytesIO(h))) for i, h in zip(done, raw, strict=True) if h]
+        if not pairs:
             log.info("study was not DICOM; no SR written")
             return
-        self.pacs.store_instances([build_sr(headers, found["result"])])
-        log.info("SR stored to the PACS")
+        outputs = [build_sr([h for _, h in pairs], found["result"]), *self._heatmaps(pairs)]
+        self.pacs.store_instances(outputs)
+        log.info("SR and %d heatmap(s) stored to the PACS", len(outputs) - 1)
+
+    def _heatmaps(self, pairs: Sequence[tuple[dict[str, Any], Dataset]]) -> list[Dataset]:
+        series_uid, out = generate_uid(), list[Dataset]()
+        for instance, header in pairs:
+            stored = self.queue.heatmap(instance["job_id"])
+            if stored is None:
+                continue
+            index, label = top_finding(instance["prediction"])
+            rgb = overlay(stored[0], stored[1][index])
+            out.append(heatmap_sc(header, rgb, label, series_uid, len(out) + 1))
+        return out
 
 
 def run_pacs_worker(settings: Settings) -> None:

@@ -16,3 +16,8 @@ class Engine(Protocol):
     backend: str
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, where the model gives them, class activation maps
+        (batch, labels, h, w) on the logit scale; None otherwise."""
+        ...

@@ -55,9 +55,14 @@ class OnnxEngine:
             str(path), sess_options=options, providers=choose_providers(preference)
         )
         self._input = self._session.get_inputs()[0].name
-        self._output = self._session.get_outputs()[0].name
+        self._outputs = [o.name for o in self._session.get_outputs()]
         self.backend = backend_name(self._session.get_providers()[0])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self._session.run([self._output], {self._input: batch})
+        (out,) = self._session.run(self._outputs[:1], {self._input: batch})
         return np.asarray(out, dtype=np.float32)
+
+    def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = self._session.run(self._outputs[:2], {self._input: batch})
+        cam = np.asarray(outs[1], dtype=np.float32) if len(outs) > 1 else None
+        return np.asarray(outs[0], dtype=np.float32), cam

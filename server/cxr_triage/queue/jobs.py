@@ -10,6 +10,7 @@ number); a result is stored only while that token still holds the lease, so a wo
 comes back after its lease expired and the job was re-delivered cannot store a second result.
 """
 
+import io
 import json
 import struct
 import time
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
 
 from cxr_triage.imaging import ModelInput
@@ -128,6 +130,21 @@ class JobQueue:
     def headers(self, job_ids: Sequence[str]) -> list[bytes | None]:
         """Stored DICOM source headers (None for non-DICOM jobs)."""
         return list(self.r.mget([f"cxr:header:{j}" for j in job_ids])) if job_ids else []
+
+    def store_heatmap(self, job_id: str, image: np.ndarray, cam: np.ndarray) -> None:
+        """Keep a scored image's model input (8-bit) and its CAMs (labels, h, w) for overlays."""
+        buf = io.BytesIO()
+        eight_bit = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        np.savez_compressed(buf, image=eight_bit, cam=cam.astype(np.float16))
+        self.r.set(f"cxr:heatmap:{job_id}", buf.getvalue())
+
+    def heatmap(self, job_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(8-bit model input, CAMs as float32) of a scored image, or None."""
+        blob = self.r.get(f"cxr:heatmap:{job_id}")
+        if blob is None:
+            return None
+        with np.load(io.BytesIO(blob)) as data:
+            return data["image"], data["cam"].astype(np.float32)
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))

@@ -60,6 +60,9 @@ class ModelConfig(_Strict):
     batching: BatchingSpec = BatchingSpec()
     thresholds: dict[str, float] = Field(..., description="per-label operating point, 0-1")
     critical_findings: tuple[str, ...] = ()
+    heatmap: Literal["none", "cam"] = Field(
+        "none", description="cam: the engine also outputs class activation maps (CNNs with a linear head)"
+    )
     default: bool = False
 
     @field_validator("labels")
@@ -94,6 +97,7 @@ class EngineInfo(_Strict):
     opset: int | None = None
     input_name: str = "input"
     output_name: str = "probabilities"
+    heatmap_output: str | None = Field(None, description="name of the CAM output (batch, labels, h, w)")
 
 
 class VersionMetadata(BaseModel):

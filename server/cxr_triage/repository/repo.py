@@ -145,9 +145,11 @@ def check_onnx(path: Path, config: ModelConfig) -> list[str]:
     except (OSError, DecodeError) as exc:
         return [f"not a readable ONNX file ({type(exc).__name__}); re-export this version"]
     inputs = [i for i in graph.input if i.name not in {init.name for init in graph.initializer}]
-    if len(inputs) != 1 or len(graph.output) != 1:
+    outputs = 2 if config.heatmap == "cam" else 1
+    if len(inputs) != 1 or len(graph.output) != outputs:
         return [
-            f"engines take one input and give one output; this one has {len(inputs)} and {len(graph.output)}"
+            f"this engine must take one input and give {outputs} output(s) (heatmap: {config.heatmap}); "
+            f"it has {len(inputs)} and {len(graph.output)}: re-export it"
         ]
     problems = []
     in_dims = inputs[0].type.tensor_type.shape.dim
@@ -163,6 +165,10 @@ def check_onnx(path: Path, config: ModelConfig) -> list[str]:
             problems.append(f"input shape {fixed} does not match config input {expected}")
     if len(out_dims) != 2 or (out_dims[1].dim_value and out_dims[1].dim_value != len(config.labels)):
         problems.append(f"output must be (batch, {len(config.labels)}) — one column per label")
+    if outputs == 2:
+        cam_dims = graph.output[1].type.tensor_type.shape.dim
+        if len(cam_dims) != 4 or (cam_dims[1].dim_value and cam_dims[1].dim_value != len(config.labels)):
+            problems.append(f"the heatmap output must be (batch, {len(config.labels)}, h, w)")
     return problems
 
 

@@ -64,6 +64,7 @@ class TriageAPI(ls.LitAPI):
         self.served = dict(served)
         self.models: dict[str, LoadedModel] = {}
         self._first_ready: float | None = None
+        self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
 
     def setup(self, device: str) -> None:
@@ -133,6 +134,9 @@ class TriageAPI(ls.LitAPI):
             reason = f"unscored: {body['error']['message']}" if failed else place_reason(body)
             if not math.isfinite(place):  # never let a NaN reach Redis
                 place, reason = UNSCORED_PLACE, "unscored: the model gave no finite score"
+            heatmap = self._heatmaps.pop(job.job_id, None)
+            if heatmap is not None and not failed:  # stored before COMPLETE hands the study on
+                self.queue.store_heatmap(job.job_id, *heatmap)
             if self.queue.complete(job, body, failed, place, reason):
                 stored.append((job.job_id, body))
         return stored
@@ -205,7 +209,7 @@ class TriageAPI(ls.LitAPI):
             [job.input.pixels for job in jobs if job.input is not None], model.entry.config.input
         )
         t0 = time.perf_counter()
-        probs = model.engine.run(tensor)
+        probs, cams = model.engine.run_with_heatmaps(tensor)
         elapsed = time.perf_counter() - t0
         expected = (len(jobs), len(model.entry.config.labels))
         if probs.shape != expected or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
@@ -213,6 +217,10 @@ class TriageAPI(ls.LitAPI):
         ref = model.ref
         metrics.BATCH_SIZE.labels(ref["name"]).observe(len(jobs))
         metrics.INFERENCE_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).observe(elapsed)
+        if cams is not None:
+            for job, cam in zip(jobs, cams, strict=True):
+                if job.fields.get("track") == "1" and job.input is not None:
+                    self._heatmaps[job.job_id] = (job.input.pixels, cam)
         return probs, elapsed
 
     def _result(

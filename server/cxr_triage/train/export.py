@@ -24,7 +24,7 @@ from cxr_triage.repository.models import (
     Weights,
 )
 from cxr_triage.repository.repo import check_onnx
-from cxr_triage.train.models import WithSigmoid, build_backbone, load_weights
+from cxr_triage.train.models import export_module, load_weights
 from cxr_triage.train.torch_eager import TorchEagerEngine
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def export_model(
         PyTorch by more than ``tolerance`` (max absolute difference of probabilities).
     """
     config = read_config(repo, name)
-    model = WithSigmoid(build_backbone(config)).eval()
+    model = export_module(config)
     if weights is not None:
         load_weights(model.backbone, weights)
     kind: Weights = weights_kind or ("imported" if weights is not None else "untrained")
@@ -87,7 +87,12 @@ def export_model(
             data=data if kind != "untrained" else None,
             created=datetime.now(UTC),
             source_commit=_source_commit(),
-            engine=EngineInfo(file=onnx_path.name, sha256=_sha256(onnx_path), opset=OPSET),
+            engine=EngineInfo(
+                file=onnx_path.name,
+                sha256=_sha256(onnx_path),
+                opset=OPSET,
+                heatmap_output="cam" if config.heatmap == "cam" else None,
+            ),
             labels=config.labels,
             parity={"reference": "pytorch-eager-fp32", "max_abs_diff": diff, "tolerance": tolerance},
             architecture=config.architecture,
@@ -111,7 +116,7 @@ def _export_onnx(model: torch.nn.Module, config: ModelConfig, path: Path) -> Non
         (example,),
         str(path),
         input_names=["input"],
-        output_names=["probabilities"],
+        output_names=["probabilities", "cam"] if config.heatmap == "cam" else ["probabilities"],
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
@@ -125,10 +130,14 @@ def parity(model: torch.nn.Module, onnx_path: Path, config: ModelConfig, batch: 
     x = rng.standard_normal(
         (batch, config.input.channels, config.input.size, config.input.size), dtype=np.float32
     )
-    reference = TorchEagerEngine(model).run(x)
+    probs, cam = TorchEagerEngine(model).run_with_heatmaps(x)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x})
-    return float(np.max(np.abs(np.asarray(onnx_out) - reference)))
+    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    diff = float(np.max(np.abs(np.asarray(outputs[0]) - probs)))
+    if cam is not None:  # CAMs are on the logit scale: compare relative to their range
+        cam_diff = float(np.max(np.abs(np.asarray(outputs[1]) - cam)) / max(1e-6, float(np.abs(cam).max())))
+        diff = max(diff, cam_diff)
+    return diff
 
 
 def _claim_version(model_dir: Path, staging: Path) -> tuple[str, Path]:

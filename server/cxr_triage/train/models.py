@@ -16,10 +16,39 @@ class WithSigmoid(nn.Module):
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # a timm model: forward_features / forward_head / get_classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.backbone(x))
+
+
+class WithSigmoidAndCam(WithSigmoid):
+    """Probabilities plus class activation maps (Zhou et al. 2016) in one pass.
+
+    For a CNN whose head is global average pooling then a linear layer,
+    ``cam[c] = W[c] . features + b[c]`` at each position, and its spatial mean is exactly
+    the logit of label c: the heatmap explains the score it sits beside.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__(backbone)
+        head = self.backbone.get_classifier()
+        pool = getattr(backbone, "global_pool", None)
+        if not isinstance(head, nn.Linear) or "avg" not in str(getattr(pool, "pool_type", "")):
+            raise ExportError("heatmap: cam needs a CNN with average pooling and a linear head (DenseNet)")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        features = self.backbone.forward_features(x)
+        logits = self.backbone.forward_head(features)
+        head = self.backbone.get_classifier()
+        cam = torch.einsum("nkhw,ck->nchw", features, head.weight) + head.bias[None, :, None, None]
+        return torch.sigmoid(logits), cam
+
+
+def export_module(config: ModelConfig) -> WithSigmoid:
+    """The module that is exported for ``config``: probabilities, plus CAMs when configured."""
+    backbone = build_backbone(config)
+    return (WithSigmoidAndCam if config.heatmap == "cam" else WithSigmoid)(backbone).eval()
 
 
 def build_backbone(config: ModelConfig) -> nn.Module:

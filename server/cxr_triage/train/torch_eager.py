@@ -14,5 +14,10 @@ class TorchEagerEngine:
         self.model = model.eval()
 
     @torch.inference_mode()
+    def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.model(torch.from_numpy(batch))
+        probs, cam = out if isinstance(out, tuple) else (out, None)
+        return probs.numpy().astype(np.float32), None if cam is None else cam.numpy().astype(np.float32)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(batch)).numpy().astype(np.float32)
+        return self.run_with_heatmaps(batch)[0]
