@@ -17,6 +17,8 @@ COPY server ./server
 RUN pip install --no-cache-dir .
 COPY --from=engine --chown=cxr:cxr /src/model_repo ./model_repo
 USER cxr
+# 0.0.0.0 needs CXR_API_KEYS (or CXR_BEHIND_AUTH_PROXY=true) at run time: the service refuses
+# to listen beyond loopback without authentication.
 ENV CXR_HOST=0.0.0.0 \
     CXR_PORT=8000 \
     CXR_MODEL_REPO=/app/model_repo \

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     pacs_poll_s: float = Field(0.0, ge=0, description="poll the PACS for new CR/DX studies (s); 0 = off")
     metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description='JSON list; clients send "Authorization: Bearer <key>" or X-API-Key'
+    )
+    behind_auth_proxy: bool = Field(False, description="an authenticating proxy guards a non-loopback bind")
+    max_stow_parts: int = Field(256, ge=1, description="instances accepted in one STOW-RS request")
+
+    @model_validator(mode="after")
+    def _no_open_bind(self) -> "Settings":
+        if self.host != "127.0.0.1" and not self.api_keys and not self.behind_auth_proxy:
+            raise ValueError(
+                f"refusing to bind {self.host} with no authentication: set CXR_API_KEYS, "
+                "or CXR_BEHIND_AUTH_PROXY=true if a proxy authenticates every request"
+            )
+        return self
 
     @field_validator("host")
     @classmethod

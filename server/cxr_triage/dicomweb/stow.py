@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cxr_triage.dicomweb.multipart import Part, related_boundary, split
-from cxr_triage.errors import CxrError, NotReady
+from cxr_triage.errors import CxrError, NotReady, PayloadTooLarge
 from cxr_triage.serving.intake import Intake, _read_body, _request_id
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ async def receive(request: Request, intake: Intake, study_uid: str | None) -> Re
     for one bad instance."""
     boundary = related_boundary(request.headers.get("content-type", ""))
     parts = split(await _read_body(request, intake.limits.max_bytes), boundary)
+    if len(parts) > intake.settings.max_stow_parts:
+        limit = intake.settings.max_stow_parts
+        raise PayloadTooLarge(f"{len(parts)} instances in one request; the limit is {limit}")
     request_id = _request_id(request)
     name = intake.resolve_model(None)
     stored: list[Dataset] = []

@@ -16,6 +16,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_d
 
 from cxr_triage.errors import (
     CorruptImage,
+    CxrError,
     ImageTooLarge,
     MultiFrame,
     NotAnImage,
@@ -49,6 +50,18 @@ def decode_dicom(data: bytes, limits: ImageLimits) -> DecodedImage:
         NotAnImage, PixelDataMissing, MultiFrame, UnsupportedPhotometric,
         UnsupportedTransferSyntax, ImageTooLarge, CorruptImage.
     """
+    try:
+        return _decode(data, limits)
+    except (CxrError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a Rust decoder's panic (pyo3 PanicException) is a BaseException
+        # pydicom converts elements lazily, on first access, so a malformed element raises
+        # wherever it is first read, with whatever type its parser uses (struct.error,
+        # NotImplementedError, BytesLengthException…). All of it means one thing here.
+        raise CorruptImage(f"the DICOM file is malformed ({type(exc).__name__}); check the file") from exc
+
+
+def _decode(data: bytes, limits: ImageLimits) -> DecodedImage:
     ds = read_dataset(data)
     _check_image_module(ds, limits)
     stored = _stored_values(ds)

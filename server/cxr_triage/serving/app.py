@@ -19,6 +19,7 @@ from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import UNTRAINED_WARNING
 from cxr_triage.serving.api import TriageAPI
+from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
@@ -124,6 +125,8 @@ def build_service(settings: Settings) -> Service:
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)
     install_request_metrics(app)
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys])
     document_predict(app)
     return Service(server=server, intake=intake, redis=handle)
 

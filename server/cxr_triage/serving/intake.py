@@ -6,9 +6,12 @@ and a bad image is refused here with its own error before it ever reaches a batc
 """
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import re
+import signal
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +36,12 @@ from cxr_triage.schemas import Priority
 
 log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _die_with_parent() -> None:
+    """Decoding processes end with the HTTP process, however it ends (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ class Intake:
         # Created lazily in the process that uses it: LitServe forks the HTTP server after start-up.
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ProcessPoolExecutor(
-                self.settings.resolved_decode_workers(), mp_context=get_context("spawn")
+                self.settings.resolved_decode_workers(),
+                mp_context=get_context("spawn"),
+                initializer=_die_with_parent,
             )
             self._pool_pid = os.getpid()
         return self._pool
