@@ -5,6 +5,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY model_repo ./model_repo
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir '.[train]' \
  && cxr-triage export densenet121-nih14
 
@@ -14,9 +15,10 @@ RUN useradd --create-home --uid 10001 cxr
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir .
 COPY --from=engine --chown=cxr:cxr /src/model_repo ./model_repo
-USER cxr
+USER 10001
 # 0.0.0.0 needs CXR_API_KEYS (or CXR_BEHIND_AUTH_PROXY=true) at run time: the service refuses
 # to listen beyond loopback without authentication.
 ENV CXR_HOST=0.0.0.0 \

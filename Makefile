@@ -39,10 +39,11 @@ serve: engine
 # Real services the tests start themselves (Debian packages; nothing is left running).
 services:
 	@command -v redis-server >/dev/null && command -v Orthanc >/dev/null \
+	  && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
 	  && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends \
-	    redis-server orthanc orthanc-dicomweb orthanc-gdcm; }
+	    redis-server orthanc orthanc-dicomweb orthanc-gdcm prometheus docker-compose; }
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check server tests benchmarks

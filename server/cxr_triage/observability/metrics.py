@@ -55,6 +55,14 @@ QUEUE_DEPTH = Gauge(
     ["priority"],
     multiprocess_mode="mostrecent",
 )
+WORKLIST_SIZE = Gauge(
+    "cxr_triage_worklist_studies", "Unread studies on the worklist", multiprocess_mode="mostrecent"
+)
+OLDEST_ABNORMAL = Gauge(
+    "cxr_triage_oldest_unread_abnormal_age_seconds",
+    "Waiting time of the oldest unread study scored abnormal or critical (0 when none)",
+    multiprocess_mode="mostrecent",
+)
 JOBS_REDELIVERED = Counter("cxr_triage_jobs_redelivered_total", "Jobs re-delivered after a lease expired")
 MODEL_INFO = Gauge(
     "cxr_triage_model_info",

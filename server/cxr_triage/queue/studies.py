@@ -99,6 +99,17 @@ class StudyStore:
             "model": outcome["model"],
         }
 
+    def worklist_gauges(self, now: float | None = None) -> tuple[int, float]:
+        """(unread studies, seconds the oldest unread abnormal-or-worse study has waited)."""
+        now = time.time() if now is None else now
+        size = int(self.r.zcard(WORKLIST))
+        abnormal = self.r.zrangebyscore(WORKLIST, 1.5, "+inf")  # places of abnormal, critical, unscored
+        pipe = self.r.pipeline(transaction=False)
+        for uid in abnormal:
+            pipe.hget(b"cxr:study:" + uid, "first_seen")
+        seen = [float(t) for t in pipe.execute() if t is not None]
+        return size, (now - min(seen)) if seen else 0.0
+
     def report(self, uid: str, labels: Mapping[str, bool], reader: str) -> dict[str, Any]:
         """Store final labels durably and take the study off the worklist (one MULTI)."""
         now = datetime.now(UTC).isoformat()

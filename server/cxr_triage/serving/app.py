@@ -120,7 +120,7 @@ def build_service(settings: Settings) -> Service:
     app = server.app
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
-    app.include_router(build_router(intake, lambda: _workers_problem(server)))
+    app.include_router(build_router(intake, studies, lambda: _workers_problem(server)))
     app.include_router(build_study_router(intake, studies))
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)

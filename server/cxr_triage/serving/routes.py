@@ -11,13 +11,14 @@ from fastapi.routing import APIRoute
 from cxr_triage.engines.onnx import backend_name, choose_providers
 from cxr_triage.errors import NotReady
 from cxr_triage.observability import metrics
+from cxr_triage.queue.studies import StudyStore
 from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
 from cxr_triage.serving.intake import Intake
 
 ReadyCheck = Callable[[], str | None]
 
 
-def build_router(intake: Intake, workers_problem: ReadyCheck) -> APIRouter:
+def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyCheck) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health", summary="200 while the process lives")
@@ -45,6 +46,9 @@ def build_router(intake: Intake, workers_problem: ReadyCheck) -> APIRouter:
         with suppress(redis.RedisError):
             for priority, n in intake.queue.depth_by_priority().items():
                 metrics.QUEUE_DEPTH.labels(priority).set(n)
+            size, oldest = studies.worklist_gauges()
+            metrics.WORKLIST_SIZE.set(size)
+            metrics.OLDEST_ABNORMAL.set(oldest)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
