@@ -25,10 +25,14 @@ def _fail(exc: CxrError) -> None:
     raise typer.Exit(2)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _logging(level: str, json_lines: bool = False) -> None:
+    if json_lines:
+        from cxr_triage.observability.logging import configure
+
+        configure(level)
+    else:
+        log_format = "%(levelname)s %(name)s: %(message)s"
+        logging.basicConfig(level=level.upper(), format=log_format, stream=sys.stderr)
 
 
 @app.command()
@@ -42,7 +46,7 @@ def serve(
 ) -> None:
     """Start the service (LitServe, dynamic batching) on 127.0.0.1:8000 by default."""
     settings = _settings(host=host, port=port, model_repo=model_repo)
-    _logging(settings.log_level)
+    _logging(settings.log_level, json_lines=True)
     settings.prepare_process_environment()  # before any metric is created
     from cxr_triage.serving.app import build_service
 

@@ -1,5 +1,6 @@
 """cxr-triage as a DICOMweb peer: STOW-RS from dicomweb-client, hand-made bodies and a real Orthanc."""
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -258,6 +259,8 @@ def test_no_phi_in_logs_or_metrics(pacs_loop: tuple[str, str]) -> None:
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     log = SERVER_LOG[0].read_text(errors="replace")
     assert "stored to the PACS" in log  # … the debug log really covered that path
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records and {"time", "level", "logger", "message", "request_id"} <= set(records[0])
     for value in (*phi.values(), "SECRETNAME"):
         assert value not in log, f"{value} leaked into the log"
         assert value not in metrics, f"{value} leaked into the metrics"

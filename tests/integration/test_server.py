@@ -81,6 +81,7 @@ def test_multipart_upload_and_priority_and_request_id(server: str) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["priority"] == "stat" and body["request_id"] == "ris-order-42"
+    assert response.headers["X-Request-ID"] == "ris-order-42"
 
 
 def test_lateral_dicom_scores_with_a_warning(server: str) -> None:
@@ -211,3 +212,24 @@ def test_metrics_count_requests_batches_and_errors(server: str) -> None:
 def test_unknown_route_is_json_404(server: str) -> None:
     response = httpx.get(f"{server}/v1/nothing-here", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    from tests.helpers import running_server
+
+    env = {"CXR_INFERENCE_WORKERS": "2", "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_DECODE_WORKERS": "1"}
+    with running_server(exported_repo, env, timeout=120) as url:
+        body = png_bytes(chest_u8(64))
+        with cf.ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: post(url, body, "image/png").status_code, range(24)))
+        assert statuses == [200] * 24
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+
+    def value(pattern: str) -> float:
+        return sum(float(m) for m in re.findall(pattern + r" ([0-9.e+]+)", text))
+
+    assert value(r'cxr_triage_requests_total\{method="POST",route="/v1/predict",status="200"\}') == 24
+    assert value(r'cxr_triage_batch_size_sum\{model="densenet121-nih14"\}') == 24  # images scored
+    assert text.count("cxr_triage_model_info{") == 2  # one live series per worker process

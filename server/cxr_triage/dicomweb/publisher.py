@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from cxr_triage.config import Settings
 from cxr_triage.dicomweb.heatmap import heatmap_sc, overlay, top_finding
 from cxr_triage.dicomweb.sr import build_sr
+from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, RedisHandle
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
@@ -102,8 +103,7 @@ def run_pacs_worker(settings: Settings) -> None:
     from cxr_triage.dicomweb.pull import PacsPuller
     from cxr_triage.imaging import ImageLimits
 
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=settings.log_level.upper(), format=log_format)
+    configure_logging(settings.log_level)
     if not settings.redis_url:
         raise RuntimeError("the PACS worker needs the service's Redis URL")
     client = RedisHandle(settings.redis_url).client()

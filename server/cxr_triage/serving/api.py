@@ -25,6 +25,7 @@ from cxr_triage.engines import Engine, OnnxEngine
 from cxr_triage.errors import CxrError, NotReady, RepositoryError
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics
+from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
 from cxr_triage.repository import BatchingSpec, ModelEntry, ModelRepository, VersionEntry
 from cxr_triage.schemas import UNTRAINED_WARNING, PredictResponse
@@ -68,6 +69,7 @@ class TriageAPI(ls.LitAPI):
         self._next_reap = 0.0
 
     def setup(self, device: str) -> None:
+        configure_logging(self.settings.log_level)  # a spawned worker starts with no logging set up
         repo = ModelRepository.load(
             self.settings.model_repo, self.settings.default_model, check_engines=False
         )

@@ -30,6 +30,7 @@ from cxr_triage.config import Settings
 from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge, WrongModality
 from cxr_triage.imaging import ImageLimits, ModelInput
 from cxr_triage.observability import metrics
+from cxr_triage.observability.logging import REQUEST_ID
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import Priority
@@ -248,6 +249,10 @@ def _uids(prepared: ModelInput, given: tuple[str, str]) -> tuple[str, str]:
 
 
 def _request_id(request: Request) -> str:
+    """The id the request middleware chose (the caller's X-Request-ID when well formed)."""
+    chosen = REQUEST_ID.get()
+    if chosen:
+        return chosen
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
