@@ -155,7 +155,7 @@ def require_binary(name: str, package: str) -> str:
     """Path of a service binary; skip without it, unless CI demands every service."""
     import pytest
 
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))  # venv tools
     if path is None:
         if os.environ.get("CXR_REQUIRE_SERVICES") == "1":
             pytest.fail(f"{name} is missing: apt-get install {package} (make services)")

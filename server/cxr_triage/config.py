@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     pacs_poll_s: float = Field(0.0, ge=0, description="poll the PACS for new CR/DX studies (s); 0 = off")
     metrics_dir: Path | None = Field(None, description="Prometheus multiprocess folder; default: a temp dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT", description="traces over OTLP/HTTP when set"
+    )
+    otel_service_name: str = Field("cxr-triage", validation_alias="OTEL_SERVICE_NAME")
     api_keys: list[SecretStr] = Field(
         default_factory=list, description='JSON list; clients send "Authorization: Bearer <key>" or X-API-Key'
     )

@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from cxr_triage.config import Settings
 from cxr_triage.dicomweb.heatmap import heatmap_sc, overlay, top_finding
 from cxr_triage.dicomweb.sr import build_sr
+from cxr_triage.observability import tracing
 from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, RedisHandle
 from cxr_triage.queue.studies import StudyStore
@@ -81,7 +82,9 @@ class SrPublisher:
             log.info("study was not DICOM; no SR written")
             return
         outputs = [build_sr([h for _, h in pairs], found["result"]), *self._heatmaps(pairs)]
-        self.pacs.store_instances(outputs)
+        parent = tracing.context_of(self.queue.jobs([pairs[0][0]["job_id"]])[0])
+        with tracing.span("sr store", parent, instances=len(outputs)):
+            self.pacs.store_instances(outputs)
         log.info("SR and %d heatmap(s) stored to the PACS", len(outputs) - 1)
 
     def _heatmaps(self, pairs: Sequence[tuple[dict[str, Any], Dataset]]) -> list[Dataset]:
@@ -104,6 +107,7 @@ def run_pacs_worker(settings: Settings) -> None:
     from cxr_triage.imaging import ImageLimits
 
     configure_logging(settings.log_level)
+    tracing.setup_tracing(settings, "pacs-worker")
     if not settings.redis_url:
         raise RuntimeError("the PACS worker needs the service's Redis URL")
     client = RedisHandle(settings.redis_url).client()

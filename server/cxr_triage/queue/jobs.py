@@ -80,7 +80,9 @@ class JobQueue:
         self._complete = client.register_script(scripts.COMPLETE)
         self._reap = client.register_script(scripts.REAP)
 
-    def submit(self, job: NewJob, now: float | None = None) -> SubmitResult:
+    def submit(
+        self, job: NewJob, now: float | None = None, trace: Mapping[str, str] | None = None
+    ) -> SubmitResult:
         """Queue a job (atomically with its study and worklist entry). A repeated instance UID
         for the same model returns the first job instead."""
         now = time.time() if now is None else now
@@ -93,6 +95,7 @@ class JobQueue:
             "priority": job.priority,
             "request_id": job.request_id,
             "instance_uid": job.instance_uid,
+            **(trace or {}),  # W3C traceparent: the worker continues the request's trace
         }
         argv: list[Any] = [job_id, deadline, now, payload.dumps(job.input), instance_key, job.study_uid]
         argv += ["1" if job.track else "0", PRIORITIES.index(job.priority), job.header]

@@ -24,7 +24,7 @@ from cxr_triage.config import Settings
 from cxr_triage.engines import Engine, OnnxEngine
 from cxr_triage.errors import CxrError, NotReady, RepositoryError
 from cxr_triage.imaging import to_batch
-from cxr_triage.observability import metrics
+from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
 from cxr_triage.repository import BatchingSpec, ModelEntry, ModelRepository, VersionEntry
@@ -70,6 +70,7 @@ class TriageAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         configure_logging(self.settings.log_level)  # a spawned worker starts with no logging set up
+        tracing.setup_tracing(self.settings, "inference-worker")
         repo = ModelRepository.load(
             self.settings.model_repo, self.settings.default_model, check_engines=False
         )
@@ -124,24 +125,38 @@ class TriageAPI(ls.LitAPI):
         """Lease, score and store one batch; returns the outcomes this worker stored."""
         self._first_ready = None
         jobs = self.queue.lease(self.max_batch_size, self.worker, self.settings.lease_s)
+        scored_from = time.time()
+        outcomes = self.score_batch(jobs)
+        scored_to = time.time()
         stored = []
-        for job, outcome in zip(jobs, self.score_batch(jobs), strict=True):
-            body = (
-                outcome
-                if isinstance(outcome, dict)
-                else {"error": {**outcome.to_dict(), "status": outcome.status}}
-            )
-            failed = not isinstance(outcome, dict)
-            place = UNSCORED_PLACE if failed else place_of(body)
-            reason = f"unscored: {body['error']['message']}" if failed else place_reason(body)
-            if not math.isfinite(place):  # never let a NaN reach Redis
-                place, reason = UNSCORED_PLACE, "unscored: the model gave no finite score"
-            heatmap = self._heatmaps.pop(job.job_id, None)
-            if heatmap is not None and not failed:  # stored before COMPLETE hands the study on
-                self.queue.store_heatmap(job.job_id, *heatmap)
-            if self.queue.complete(job, body, failed, place, reason):
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            parent = tracing.context_of(job.fields)
+            leased = float(job.fields.get("leased_at", scored_from))
+            enqueued = float(job.fields.get("enqueued_at", leased))
+            priority = job.fields.get("priority", "")
+            tracing.record_span("queue wait", parent, enqueued, leased, priority=priority)
+            tracing.record_span("inference", parent, scored_from, scored_to, model=job.model, batch=len(jobs))
+            with tracing.span("postprocess", parent):
+                body = self._store(job, outcome)
+            if body is not None:
                 stored.append((job.job_id, body))
         return stored
+
+    def _store(self, job: LeasedJob, outcome: Outcome) -> dict[str, Any] | None:
+        """Store one outcome (and its heatmap); returns the stored body, None if the lease was stale."""
+        failed = not isinstance(outcome, dict)
+        if isinstance(outcome, dict):
+            body = outcome
+        else:
+            body = {"error": {**outcome.to_dict(), "status": outcome.status}}
+        place = UNSCORED_PLACE if failed else place_of(body)
+        reason = f"unscored: {body['error']['message']}" if failed else place_reason(body)
+        if not math.isfinite(place):  # never let a NaN reach Redis
+            place, reason = UNSCORED_PLACE, "unscored: the model gave no finite score"
+        heatmap = self._heatmaps.pop(job.job_id, None)
+        if heatmap is not None and not failed:  # stored before COMPLETE hands the study on
+            self.queue.store_heatmap(job.job_id, *heatmap)
+        return body if self.queue.complete(job, body, failed, place, reason) else None
 
     def finished(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Outcomes of jobs (scored by any worker) that are done or failed."""

@@ -14,6 +14,7 @@ from litserve.utils import WorkerSetupStatus
 from cxr_triage.config import Settings
 from cxr_triage.dicomweb.stow import build_stow_router
 from cxr_triage.errors import RepositoryError
+from cxr_triage.observability import tracing
 from cxr_triage.queue import JobQueue, RedisHandle, connect
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
@@ -95,6 +96,7 @@ def build_service(settings: Settings) -> Service:
     """Validate model_repo/ and build the server (not started). Raises RepositoryError."""
     repo = ModelRepository.load(settings.model_repo, settings.default_model)
     served = served_models(settings, repo)
+    tracing.setup_tracing(settings, "http")
     handle = connect(settings)
     settings = settings.model_copy(update={"redis_url": handle.url})
     for name in served:

@@ -29,7 +29,7 @@ from cxr_triage import imaging
 from cxr_triage.config import Settings
 from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge, WrongModality
 from cxr_triage.imaging import ImageLimits, ModelInput
-from cxr_triage.observability import metrics
+from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import REQUEST_ID
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
@@ -155,11 +155,15 @@ class Intake:
         """Decode and queue one image already read; ``modalities`` restricts DICOM Modality."""
         if not track and self.queue.ready() >= self.settings.max_queue:
             raise Overloaded(f"{self.settings.max_queue} jobs are queued; retry shortly (Retry-After)")
-        start = time.perf_counter()
-        prepared = await self.prepare(data, media_type, name)
-        metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
-        job = make_job(data, prepared, name, priority, track, uids, request_id, modalities)
-        submitted = self.queue.submit(job)
+        with tracing.span("ingest", model=name, track=int(track)) as ingest:
+            start = time.perf_counter()
+            with tracing.span("decode"):
+                prepared = await self.prepare(data, media_type, name)
+            metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
+            ingest.set_attribute("format", prepared.source)
+            job = make_job(data, prepared, name, priority, track, uids, request_id, modalities)
+            with tracing.span("enqueue", priority=job.priority):
+                submitted = self.queue.submit(job, trace=tracing.carrier())
         ids = (job.study_uid, job.instance_uid)
         return Accepted(submitted.job_id, submitted.duplicate, request_id, name, job.priority, *ids)
 
