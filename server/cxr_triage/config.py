@@ -39,6 +39,7 @@ class Settings(BaseSettings):
         default_factory=lambda: {"stat": 0.0, "urgent": 15.0, "routine": 60.0, "backfill": 600.0},
         description="per priority class: how long newer higher-class jobs may overtake a job",
     )
+    clinical_window: int = Field(200, ge=1, le=5000, description="recent reports behind the clinical metrics")
     worklist_max_wait_s: float = Field(4 * 3600.0, gt=0, description="no unread study waits much longer")
     pacs_url: str | None = Field(
         None, description="the PACS's DICOMweb root, e.g. http://pacs:8042/dicom-web"

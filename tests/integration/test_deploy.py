@@ -33,7 +33,7 @@ def test_prometheus_config_and_alert_rules_are_valid() -> None:
 
 
 def test_dashboards_cover_every_area() -> None:
-    assert {p.stem for p in DASHBOARDS} >= {"service-health", "queue", "engines", "triage"}
+    assert {p.stem for p in DASHBOARDS} >= {"service-health", "queue", "engines", "triage", "clinical"}
     assert all(expr.strip() for _, expr in panel_queries())
 
 
@@ -85,6 +85,9 @@ def drive_load(server: str) -> None:
     httpx.post(f"{server}/v1/studies", content=png, headers={"Content-Type": "image/png"},
                params={"study_uid": "1.2.826.0.1.4242", "instance_uid": f"1.2.826.0.1.4242.{time.time_ns()}"},
                timeout=60)  # fmt: skip
+    labels = json.loads((ROOT / "tests" / "nih14.json").read_text())
+    report = {"labels": {label: i % 2 == 0 for i, label in enumerate(labels)}, "reader": "dashboard-test"}
+    httpx.post(f"{server}/v1/studies/1.2.826.0.1.4242/report", json=report, timeout=30)
 
 
 def has_data(port: int, expr: str) -> bool:

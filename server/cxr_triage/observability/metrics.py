@@ -63,6 +63,23 @@ OLDEST_ABNORMAL = Gauge(
     "Waiting time of the oldest unread study scored abnormal or critical (0 when none)",
     multiprocess_mode="mostrecent",
 )
+CLINICAL_SENSITIVITY = Gauge(
+    "cxr_triage_clinical_sensitivity_ratio",
+    "Share of reported-positive findings the model called positive, recent reports",
+    ["label"],
+    multiprocess_mode="mostrecent",
+)
+CLINICAL_PPV = Gauge(
+    "cxr_triage_clinical_ppv_ratio",
+    "Share of the model's positive calls that the report confirmed, recent reports",
+    ["label"],
+    multiprocess_mode="mostrecent",
+)
+CLINICAL_STUDIES = Gauge(
+    "cxr_triage_clinical_window_studies",
+    "Reported, scored studies in the clinical window",
+    multiprocess_mode="mostrecent",
+)
 JOBS_REDELIVERED = Counter("cxr_triage_jobs_redelivered_total", "Jobs re-delivered after a lease expired")
 MODEL_INFO = Gauge(
     "cxr_triage_model_info",

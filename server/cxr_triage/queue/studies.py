@@ -131,6 +131,21 @@ class StudyStore:
         """Every report ever stored, oldest first (amendments included; the last one wins)."""
         return [json.loads(fields[b"report"]) for _, fields in self.r.xrange(REPORTS)]
 
+    def recent_reported(self, n: int) -> list[tuple[dict[str, bool], dict[str, Any]]]:
+        """(labels, study result) of the ``n`` most recently reported studies that were scored."""
+        latest: dict[str, dict[str, bool]] = {}
+        for _, fields in self.r.xrevrange(REPORTS, count=4 * n):
+            report = json.loads(fields[b"report"])
+            latest.setdefault(report["study_uid"], report["labels"])
+            if len(latest) >= n:
+                break
+        out = []
+        for uid, labels in latest.items():
+            found = self.study(uid)
+            if found and found["result"]:
+                out.append((labels, found["result"]))
+        return out
+
     def exists(self, uid: str) -> bool:
         return bool(self.r.exists(f"cxr:study:{uid}"))
 

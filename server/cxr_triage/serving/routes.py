@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 
 from cxr_triage.engines.onnx import backend_name, choose_providers
 from cxr_triage.errors import NotReady
+from cxr_triage.feedback.clinical import clinical_window
 from cxr_triage.observability import metrics
 from cxr_triage.observability.logging import REQUEST_ID
 from cxr_triage.queue.studies import StudyStore
@@ -52,10 +53,22 @@ def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyChec
             size, oldest = studies.worklist_gauges()
             metrics.WORKLIST_SIZE.set(size)
             metrics.OLDEST_ABNORMAL.set(oldest)
+            _clinical(studies, intake.settings.clinical_window)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
     return router
+
+
+def _clinical(studies: StudyStore, n: int) -> None:
+    """Per-finding sensitivity and PPV over the last ``n`` reported studies (set at scrape)."""
+    window = clinical_window(studies.recent_reported(n))
+    metrics.CLINICAL_STUDIES.set(window.studies)
+    for label, counts in window.by_label.items():
+        if counts.sensitivity is not None:
+            metrics.CLINICAL_SENSITIVITY.labels(label).set(counts.sensitivity)
+        if counts.ppv is not None:
+            metrics.CLINICAL_PPV.labels(label).set(counts.ppv)
 
 
 def _queue_problem(intake: Intake) -> str | None:

@@ -65,6 +65,7 @@ def export_model(
         PyTorch by more than ``tolerance`` (max absolute difference of probabilities).
     """
     config = read_config(repo, name)
+    torch.manual_seed(0)  # an untrained export is reproducible: same config, same engine
     model = export_module(config)
     if weights is not None:
         load_weights(model.backbone, weights)
