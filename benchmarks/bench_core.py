@@ -434,11 +434,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(timeout: float = 180.0) -> Iterator[tuple[str, int]]:
-    """The real server as a subprocess on a free port; yields (base URL, process group id)."""
+def running_server(timeout: float = 180.0) -> Iterator[tuple[str, int, Path]]:
+    """The real server as a subprocess on a free port, with a fresh embedded Redis (not ./data);
+    yields (base URL, process group id, the Redis data folder)."""
     port = free_port()
-    data_dir = tempfile.mkdtemp(prefix="cxr-bench-data-")  # a fresh embedded Redis, not ./data
-    env = {**os.environ, "CXR_MODEL_REPO": str(ROOT / "model_repo"), "CXR_DATA_DIR": data_dir}
+    data_dir = Path(tempfile.mkdtemp(prefix="cxr-bench-data-"))
+    env = {**os.environ, "CXR_MODEL_REPO": str(ROOT / "model_repo"), "CXR_DATA_DIR": str(data_dir)}
     env.pop("CXR_REDIS_URL", None)
     exe = Path(sys.executable).parent / "cxr-triage"
     with tempfile.TemporaryFile() as log:
@@ -452,10 +453,31 @@ def running_server(timeout: float = 180.0) -> Iterator[tuple[str, int]]:
         )
         try:
             wait_ready(proc, f"http://127.0.0.1:{port}", timeout, log)
-            yield f"http://127.0.0.1:{port}", proc.pid
+            yield f"http://127.0.0.1:{port}", proc.pid, data_dir
         finally:
+            redis_pid = embedded_redis(data_dir)
             stop_server(proc)
+            stop_redis(redis_pid, data_dir)
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def embedded_redis(data_dir: Path) -> int | None:
+    """PID of the redis-server working in ``data_dir`` (Redis chdirs to its data folder)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with suppress(OSError):
+            if (
+                os.readlink(proc / "cwd") == str(data_dir.resolve())
+                and b"redis-server" in (proc / "cmdline").read_bytes()
+            ):
+                return int(proc.name)
+    return None
+
+
+def stop_redis(pid: int | None, data_dir: Path) -> None:
+    """The service stops its embedded Redis on SIGTERM; after a SIGKILL it would outlive it."""
+    if pid is not None and embedded_redis(data_dir) == pid:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:
@@ -545,7 +567,7 @@ async def drive(
 
 def bench_served(config: ModelConfig, plan: Plan, progress: Progress) -> ServedStats:
     images, concurrency = small_pngs(), config.batching.max_batch_size * plan.clients_per_batch
-    with running_server() as (url, pgid):
+    with running_server() as (url, pgid, _):
         asyncio.run(drive(url, images, concurrency, plan.served_warmup, progress, "served warm-up"))
         label = f"served POST /v1/predict x{concurrency}"
         before = cpu_snapshot(pgid)

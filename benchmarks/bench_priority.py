@@ -19,19 +19,15 @@ import argparse
 import asyncio
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -46,18 +42,17 @@ from bench_core import (
     ServedStats,
     console,
     cpu_snapshot,
-    free_port,
+    embedded_redis,
     git_commit,
     group_cpu,
     machine_section,
     new_progress,
     other_cores,
     require_engine,
+    running_server,
     server_cores,
     small_pngs,
-    stop_server,
     table,
-    wait_ready,
     write_report,
 )
 from cxr_triage.repository import ModelConfig
@@ -208,51 +203,9 @@ class Server:
 
 @contextmanager
 def fresh_server(timeout: float = 180.0) -> Iterator[Server]:
-    """``cxr-triage serve`` on a free port with a new embedded Redis.
-
-    Like bench_core.running_server, plus CXR_DATA_DIR in a temporary folder (and no
-    CXR_REDIS_URL), so no job left by an earlier run is queued ahead of this one's.
-    """
-    port = free_port()
-    exe = Path(sys.executable).parent / "cxr-triage"
-    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as data, tempfile.TemporaryFile() as log:
-        env = {k: v for k, v in os.environ.items() if k != "CXR_REDIS_URL"}
-        env |= {"CXR_MODEL_REPO": str(ROOT / "model_repo"), "CXR_DATA_DIR": data}
-        proc = subprocess.Popen(
-            [str(exe), "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        redis_pid = None
-        try:
-            wait_ready(proc, f"http://127.0.0.1:{port}", timeout, log)
-            redis_pid = embedded_redis(Path(data))
-            yield Server(f"http://127.0.0.1:{port}", proc.pid, redis_pid)
-        finally:
-            stop_server(proc)
-            stop_redis(redis_pid, Path(data))
-
-
-def embedded_redis(data_dir: Path) -> int | None:
-    """PID of the redis-server working in ``data_dir`` (Redis chdirs to its data folder)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        with suppress(OSError):
-            if (
-                os.readlink(proc / "cwd") == str(data_dir.resolve())
-                and b"redis-server" in (proc / "cmdline").read_bytes()
-            ):
-                return int(proc.name)
-    return None
-
-
-def stop_redis(pid: int | None, data_dir: Path) -> None:
-    """The service stops its embedded Redis on SIGTERM; after a SIGKILL it would outlive it."""
-    if pid is not None and embedded_redis(data_dir) == pid:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    """bench_core.running_server (fresh embedded Redis), with that Redis's pid for CPU accounting."""
+    with running_server(timeout) as (url, pgid, data):
+        yield Server(url, pgid, embedded_redis(data))
 
 
 def parse_metrics(text: str) -> dict[str, float]:
