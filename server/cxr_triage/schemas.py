@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 
 Priority = Literal["stat", "urgent", "routine", "backfill"]
 PRIORITIES: tuple[Priority, ...] = ("stat", "urgent", "routine", "backfill")
+DICOM_UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # PS3.5 §9.1, at most 64 characters
 UNTRAINED_WARNING = "model weights are untrained: scores are meaningless, not for clinical use"
 
 

@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from cxr_triage.dicomweb.multipart import Part, related_boundary, split
 from cxr_triage.errors import CxrError, NotReady, PayloadTooLarge
+from cxr_triage.schemas import DICOM_UID_PATTERN
 from cxr_triage.serving.intake import Intake, _read_body, _request_id
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def build_stow_router(intake: Intake) -> APIRouter:
 
 
 class PullIn(BaseModel):
-    study_uid: str = Field(..., pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)
+    study_uid: str = Field(..., pattern=DICOM_UID_PATTERN, max_length=64)
 
 
 async def receive(request: Request, intake: Intake, study_uid: str | None) -> Response:

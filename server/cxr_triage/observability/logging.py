@@ -4,12 +4,20 @@ Never log PHI: messages name jobs and request ids, never patient attributes or U
 """
 
 import logging
+import re
 import sys
+import uuid
 from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+_WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def request_id_for(given: str) -> str:
+    """The caller's X-Request-ID when well formed (it lands in logs and bodies), else a new one."""
+    return given if _WELL_FORMED.match(given) else uuid.uuid4().hex
 
 
 class _RequestId(logging.Filter):

@@ -160,16 +160,11 @@ class TriageAPI(ls.LitAPI):
 
     def finished(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Outcomes of jobs (scored by any worker) that are done or failed."""
-        out = []
-        for job_id, status in zip(job_ids, self.queue.statuses(job_ids), strict=True):
-            if status in ("done", "failed"):
-                job = self.queue.jobs([job_id])[0]
-                out.append((job_id, json.loads(job["outcome"])))
-            elif status is None:
-                out.append(
-                    (job_id, {"error": {"code": "internal_error", "message": "job vanished", "status": 500}})
-                )
-        return out
+        statuses = dict(zip(job_ids, self.queue.statuses(job_ids), strict=True))
+        done = [j for j, status in statuses.items() if status in ("done", "failed")]
+        out = [(j, json.loads(job["outcome"])) for j, job in zip(done, self.queue.jobs(done), strict=True)]
+        vanished = {"error": {"code": "internal_error", "message": "job vanished", "status": 500}}
+        return out + [(j, vanished) for j, status in statuses.items() if status is None]
 
     def reap_if_due(self) -> None:
         now = time.monotonic()

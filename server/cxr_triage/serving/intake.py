@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from cxr_triage.config import Settings
 from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge, WrongModality
 from cxr_triage.imaging import ImageLimits, ModelInput
 from cxr_triage.observability import metrics, tracing
-from cxr_triage.observability.logging import REQUEST_ID
+from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
-from cxr_triage.schemas import Priority
+from cxr_triage.schemas import DICOM_UID_PATTERN, Priority
 
 log = logging.getLogger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def _die_with_parent() -> None:
@@ -227,7 +225,7 @@ _DICOM_PRIORITY: dict[str, Priority] = {
     "MEDIUM": "routine",
     "LOW": "backfill",
 }
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(DICOM_UID_PATTERN)
 
 
 def source_header(data: bytes) -> bytes:
@@ -254,11 +252,7 @@ def _uids(prepared: ModelInput, given: tuple[str, str]) -> tuple[str, str]:
 
 def _request_id(request: Request) -> str:
     """The id the request middleware chose (the caller's X-Request-ID when well formed)."""
-    chosen = REQUEST_ID.get()
-    if chosen:
-        return chosen
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return REQUEST_ID.get() or request_id_for(request.headers.get("x-request-id", ""))
 
 
 async def _read_image(request: Request, limit: int) -> tuple[bytes, str]:

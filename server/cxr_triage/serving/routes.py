@@ -1,8 +1,6 @@
 """Routes beside LitServe's predict endpoint: probes, models, metrics. Thin: logic lives below."""
 
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -14,7 +12,7 @@ from cxr_triage.engines.onnx import backend_name, choose_providers
 from cxr_triage.errors import NotReady
 from cxr_triage.feedback.clinical import clinical_window
 from cxr_triage.observability import metrics
-from cxr_triage.observability.logging import REQUEST_ID
+from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
 from cxr_triage.serving.intake import Intake
@@ -111,7 +109,6 @@ def list_models(intake: Intake) -> ModelsResponse:
     return ModelsResponse(models=out)
 
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 _PREDICT_ERRORS = {
@@ -158,8 +155,7 @@ def install_request_metrics(app: FastAPI) -> None:
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         start = time.perf_counter()
-        given = request.headers.get("x-request-id", "")
-        request_id = given if REQUEST_ID_PATTERN.match(given) else uuid.uuid4().hex
+        request_id = request_id_for(request.headers.get("x-request-id", ""))
         token = REQUEST_ID.set(request_id)
         try:
             response = await call_next(request)
