@@ -63,7 +63,7 @@ class SrPublisher:
             self.r.lmove(WORKING, OUTBOX, "RIGHT", "RIGHT")
             time.sleep(2.0)
             return True
-        except Exception:
+        except Exception:  # boundary: a study that cannot be written must not stop the others
             log.exception("writing the SR of a study failed; it is parked in %s", FAILED)
             self.r.lmove(WORKING, FAILED, "RIGHT", "RIGHT")
             return True

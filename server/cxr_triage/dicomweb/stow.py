@@ -93,7 +93,7 @@ async def receive(request: Request, intake: Intake, study_uid: str | None) -> Re
         except CxrError as exc:
             failed.append(_failed_item(part.data, exc))
             continue
-        except Exception as exc:
+        except Exception as exc:  # boundary: one bad instance fails alone, the others are stored
             log.exception("STOW part failed")
             failed.append(_failed_item(part.data, CxrError(f"processing failed ({type(exc).__name__})")))
             continue

@@ -199,7 +199,7 @@ class TriageAPI(ls.LitAPI):
             return [NotReady(f"model {name} is not loaded by this worker") for _ in jobs]
         try:
             probs, infer_s = self._run(model, jobs)
-        except Exception:
+        except Exception:  # bisect: find the input that breaks the engine, score the others
             if len(jobs) == 1:
                 log.exception("engine failed on job %s", jobs[0].job_id)
                 return [CxrError("the engine failed on this image; it is logged with the job id")]

@@ -72,7 +72,7 @@ class TriageLoop(LitLoop):
                 continue
             except RedisError:
                 log.exception("the Redis queue failed; retrying in 1 s")
-            except Exception:
+            except Exception:  # the worker must outlive any one bad turn
                 log.exception("the worker loop failed; going on")
             # Keep answering: requests still time out (504) while Redis is away.
             if not self._take_tickets(request_queue, transport, waiting, 1.0):
