@@ -8,14 +8,28 @@ from cxr_triage.repository.models import (
     Weights,
 )
 from cxr_triage.repository.repo import ModelEntry, ModelRepository, VersionEntry
+from cxr_triage.repository.serving import (
+    SERVING_FILE,
+    Canary,
+    ServingState,
+    goes_to_canary,
+    read_serving_state,
+    write_serving_state,
+)
 
 __all__ = [
+    "SERVING_FILE",
     "BatchingSpec",
+    "Canary",
     "InputSpec",
     "ModelConfig",
     "ModelEntry",
     "ModelRepository",
+    "ServingState",
     "VersionEntry",
     "VersionMetadata",
     "Weights",
+    "goes_to_canary",
+    "read_serving_state",
+    "write_serving_state",
 ]

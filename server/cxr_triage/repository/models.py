@@ -115,3 +115,16 @@ class VersionMetadata(BaseModel):
     parity: dict[str, Any] = Field(default_factory=dict, description="ONNX vs PyTorch check at export")
     architecture: str | None = None
     exported_with: dict[str, str] = Field(default_factory=dict, description="library versions at export")
+    thresholds: dict[str, float] | None = Field(
+        None,
+        description="this version's operating points (chosen on validation data at a target "
+        "sensitivity); they override config.yaml's thresholds for this version only",
+    )
+    operating_points: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="how each threshold was chosen: target, sensitivity, specificity"
+    )
+
+    def thresholds_for(self, config: "ModelConfig") -> dict[str, float]:
+        """Per-label thresholds this version is scored with: its own, else the config's."""
+        own = self.thresholds or {}
+        return {label: own.get(label, config.thresholds[label]) for label in config.labels}

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from cxr_triage.errors import ModelNotFound, RepositoryError
 from cxr_triage.repository.models import CONFIG_FILE, METADATA_FILE, ModelConfig, VersionMetadata
+from cxr_triage.repository.serving import SERVING_FILE, ServingState, read_serving_state
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,25 @@ class ModelEntry:
     config: ModelConfig
     path: Path
     versions: dict[str, VersionEntry] = field(default_factory=dict)
+    serving: ServingState | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def served(self) -> VersionEntry | None:
+        """The version that serves traffic: the promoted one (serving.json), else the latest."""
+        if self.serving is not None:
+            return self.versions[self.serving.default_version]
+        return self.latest
+
+    @property
+    def canary(self) -> VersionEntry | None:
+        """The candidate version that gets a fraction of the traffic, if one is set."""
+        if self.serving is None or self.serving.canary is None:
+            return None
+        return self.versions[self.serving.canary.version]
 
     @property
     def latest(self) -> VersionEntry | None:
@@ -109,7 +125,20 @@ def _load_model(folder: Path, problems: list[str], check_engines: bool) -> Model
         version = _load_version(config, sub, problems, check_engines)
         if version is not None:
             versions[sub.name] = version
-    return ModelEntry(config=config, path=folder, versions=versions)
+    try:
+        serving = read_serving_state(folder)
+    except ValueError as exc:
+        problems.append(f"{folder.name}/{exc}; fix it or re-run `cxr-triage promote`")
+        return None
+    if serving is not None:
+        gone = [v for v in serving.versions() if v not in versions]
+        if gone:
+            problems.append(
+                f"{folder.name}/{SERVING_FILE} names version(s) {gone} that are not in the repository; "
+                "restore them or promote an existing version"
+            )
+            return None
+    return ModelEntry(config=config, path=folder, versions=versions, serving=serving)
 
 
 def _load_version(
