@@ -9,10 +9,12 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from cxr_triage.cli_train import register_commands
 from cxr_triage.config import Settings
 from cxr_triage.errors import CxrError
 
 app = typer.Typer(help="Chest X-ray triage service.", no_args_is_help=True, add_completion=False)
+register_commands(app)
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -143,7 +145,7 @@ def feedback_export(
     """Export stored reports (from CXR_REDIS_URL, or the embedded Redis under CXR_DATA_DIR)."""
     settings = _settings(model_repo=model_repo)
     from cxr_triage.feedback.export import export_feedback
-    from cxr_triage.queue import connect
+    from cxr_triage.queue import JobQueue, connect
     from cxr_triage.queue.studies import StudyStore
     from cxr_triage.repository import ModelRepository
 
@@ -155,7 +157,8 @@ def feedback_export(
         return
     config = repo.get(None).config
     store = StudyStore(handle.client(), lambda name: repo.get(name).config.critical_findings)
-    rows = export_feedback(store, config.labels, out)
+    client = handle.client()
+    rows = export_feedback(store, config.labels, out, JobQueue(client, settings.max_wait_s))
     console.print(f"{rows} image rows from reported studies written to {out}")
 
 

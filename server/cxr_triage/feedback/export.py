@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from cxr_triage.queue.jobs import JobQueue
 from cxr_triage.queue.studies import StudyStore
 
 ENTRY_COLUMNS = [
@@ -38,15 +41,25 @@ def latest_reports(store: StudyStore) -> dict[str, dict[str, Any]]:
     return out
 
 
-def export_feedback(store: StudyStore, labels: Sequence[str], out_dir: Path) -> int:
-    """Write the two CSVs and reports.jsonl into ``out_dir``; returns the number of image rows."""
+def export_feedback(
+    store: StudyStore, labels: Sequence[str], out_dir: Path, images: JobQueue | None = None
+) -> int:
+    """Write the two CSVs and reports.jsonl into ``out_dir``; returns the number of image rows.
+
+    With ``images`` (the job queue), each image the model scored is written to
+    ``images/<instance>.png`` as the model saw it (8-bit, at the model's input size), so the
+    export is a training set: ``cxr-triage retrain --feedback`` reads it as it is.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     reports = latest_reports(store)
     for uid, report in sorted(reports.items()):
         study = store.study(uid) or {"instances": []}
         for instance in study["instances"] or [{"instance_uid": None}]:
-            rows.append((uid, instance.get("instance_uid") or uid, report))
+            name = instance.get("instance_uid") or uid
+            rows.append((uid, name, report))
+            if images is not None and instance.get("job_id"):
+                _write_image(images, instance["job_id"], out_dir / "images" / f"{name}.png")
     with (out_dir / "Data_Entry_2017.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(ENTRY_COLUMNS)
@@ -65,6 +78,14 @@ def export_feedback(store: StudyStore, labels: Sequence[str], out_dir: Path) -> 
         for report in reports.values():
             f.write(json.dumps(report) + "\n")
     return len(rows)
+
+
+def _write_image(queue: JobQueue, job_id: str, path: Path) -> None:
+    kept = queue.heatmap(job_id)
+    if kept is None:
+        return
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(kept[0]).save(path)
 
 
 def _call(value: bool | None) -> str:

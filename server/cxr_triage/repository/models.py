@@ -47,6 +47,16 @@ class BatchingSpec(_Strict):
     batch_timeout_ms: float = Field(10.0, ge=0, le=1000, description="how long a batch waits to fill")
 
 
+class PromotionSpec(_Strict):
+    """The gate a candidate version passes before it serves: not worse than the current one
+    on the same held-out set, beyond these tolerances (AUROC points, 0-1 scale)."""
+
+    tolerance: float = Field(0.01, ge=0.0, le=0.5, description="largest allowed drop of mean AUROC")
+    per_label_tolerance: float | None = Field(
+        0.05, ge=0.0, le=1.0, description="largest allowed drop of any one label's AUROC; null: not checked"
+    )
+
+
 class ModelConfig(_Strict):
     """``config.yaml`` of one model. ``name`` must equal the folder name."""
 
@@ -64,6 +74,12 @@ class ModelConfig(_Strict):
         "none", description="cam: the engine also outputs class activation maps (CNNs with a linear head)"
     )
     default: bool = False
+    target_sensitivity: float | dict[str, float] = Field(
+        0.95,
+        description="sensitivity each version's operating point is chosen for on validation data; "
+        "one value, or per label (labels not listed get 0.95)",
+    )
+    promotion: PromotionSpec = PromotionSpec()
 
     @field_validator("labels")
     @classmethod
@@ -84,6 +100,13 @@ class ModelConfig(_Strict):
         bad = {k: v for k, v in self.thresholds.items() if not 0.0 < v < 1.0}
         if bad:
             raise ValueError(f"thresholds must lie strictly between 0 and 1; got {bad}")
+        targets = self.target_sensitivity
+        if isinstance(targets, dict):
+            odd = {k: v for k, v in targets.items() if k not in self.labels or not 0.0 < v <= 1.0}
+            if odd:
+                raise ValueError(f"target_sensitivity: unknown labels or values outside (0, 1]: {odd}")
+        elif not 0.0 < targets <= 1.0:
+            raise ValueError("target_sensitivity must lie in (0, 1]")
         stray = [x for x in self.critical_findings if x not in self.labels]
         if stray:
             raise ValueError(f"critical_findings must be labels of the model; unknown {stray}")

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +31,7 @@ from cxr_triage.train.torch_eager import TorchEagerEngine
 log = logging.getLogger(__name__)
 OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
+WEIGHTS_FILE = "weights.pt"  # the backbone's PyTorch state dict, for fine-tuning (never served)
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,15 @@ def export_model(
     weights_kind: Weights | None = None,
     data: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    state: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Build ``name`` with timm, export ONNX (dynamic batch), check parity, register a version.
 
-    Without ``weights`` the version is ``untrained``. The version folder appears atomically
+    ``weights`` (a file) or ``state`` (a backbone state dict in memory) give the weights; without
+    either the version is ``untrained``. ``extra`` adds metadata fields (metrics, thresholds,
+    operating points, training provenance). The backbone's state dict is kept beside the engine
+    as ``weights.pt`` so later runs can fine-tune the served version. The version folder appears atomically
     (renamed into place) only after every check passed, so the server never sees half a version.
 
     Raises:
@@ -69,7 +76,10 @@ def export_model(
     model = export_module(config)
     if weights is not None:
         load_weights(model.backbone, weights)
-    kind: Weights = weights_kind or ("imported" if weights is not None else "untrained")
+    if state is not None:
+        model.backbone.load_state_dict(state)
+    given = weights is not None or state is not None
+    kind: Weights = weights_kind or ("imported" if given else "untrained")
     staging = repo / name / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
@@ -98,7 +108,9 @@ def export_model(
             parity={"reference": "pytorch-eager-fp32", "max_abs_diff": diff, "tolerance": tolerance},
             architecture=config.architecture,
             exported_with={"torch": torch.__version__, "onnxruntime": ort.__version__},
+            **(extra or {}),
         )
+        torch.save(model.backbone.state_dict(), staging / WEIGHTS_FILE)
         (staging / METADATA_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
         version, final = _claim_version(repo / name, staging)
     except BaseException:
