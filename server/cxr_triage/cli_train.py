@@ -91,6 +91,7 @@ def train(
     seed: Annotated[int | None, typer.Option()] = None,
     val_fraction: Annotated[float | None, typer.Option(help="patients held out for validation")] = None,
     uncertainty: Annotated[str | None, typer.Option(help="CheXpert uncertain: ones | zeros | ignore")] = None,
+    augment: Annotated[bool | None, typer.Option(help="random affine + intensity jitter")] = None,
     init: Annotated[Path | None, typer.Option(help="weights to start from")] = None,
     init_kind: Annotated[str | None, typer.Option(help="torch | torchxrayvision | gzsl")] = None,
     config: Annotated[Path | None, typer.Option(help="a run's config.yaml to start from")] = None,
@@ -114,6 +115,7 @@ def train(
         "seed": seed,
         "val_fraction": val_fraction,
         "uncertainty": uncertainty,
+        "augment": augment,
         "init": str(init) if init else None,
         "init_kind": init_kind,
     }
@@ -170,7 +172,7 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="model_repo model")],
     data: DataOption,
     split: SplitOption = None,
-    version: Annotated[str | None, typer.Option(help="version (default: the served one)")] = None,
+    version: Annotated[str | None, typer.Option(help="version or `latest` (default: the served one)")] = None,
     out: Annotated[
         Path | None, typer.Option(help="report folder (default reports/<model>-v<version>)")
     ] = None,
@@ -211,7 +213,7 @@ def evaluate(
 
 def promote(
     model: Annotated[str, typer.Argument(help="model_repo model")],
-    version: Annotated[str, typer.Argument(help="candidate version")],
+    version: Annotated[str, typer.Argument(help="candidate version (or `latest`)")],
     data: DataOption,
     split: SplitOption = None,
     canary: Annotated[

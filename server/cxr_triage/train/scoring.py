@@ -47,9 +47,12 @@ def score_version(
 
 
 def find_version(repo_root: Path, model: str, version: str | None) -> tuple[ModelConfig, VersionEntry]:
-    """``version`` of ``model`` (the served one when None), with the model's config."""
+    """``version`` of ``model`` (the served one when None, the highest for ``latest``), with its config."""
     entry = ModelRepository.load(repo_root, check_engines=False).get(model)
-    chosen = entry.served if version is None else entry.versions.get(version)
+    if version == "latest":
+        chosen = entry.latest
+    else:
+        chosen = entry.served if version is None else entry.versions.get(version)
     if chosen is None:
         have = sorted(entry.versions, key=int)
         raise ValueError(f"{model} has no version {version or '(none exported)'}; versions: {have}")
