@@ -152,7 +152,9 @@ def train(
         for part in getattr(train_ds, "datasets", [train_ds]):
             part.set_epoch(epoch)  # a fresh draw of augmentations each epoch
         losses = []
-        batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        # disable=None: the bar shows on a terminal only, so logs and CI output stay readable
+        shown = None if progress else True
+        batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=shown, leave=False)
         for i, (x, y, mask) in enumerate(batches):
             x, y, mask = x.to(device), y.to(device), mask.to(device)
             with _autocast(device, dtype):
