@@ -50,6 +50,8 @@ def _setup_logging() -> None:
     import sys
 
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -236,7 +238,7 @@ def promote(
     print(gate.summary())
     where = f"as a canary for {canary:.0%} of jobs" if canary else "as the served version"
     console.print(
-        f"{model} version {version} promoted {where}; running servers pick it up on their next poll"
+        f"{model} version {gate.candidate} promoted {where}; running servers pick it up on their next poll"
     )
 
 
