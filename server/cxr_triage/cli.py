@@ -126,8 +126,14 @@ def check_repo(
         _fail(exc)
         return
     for entry in repo.models.values():
-        latest = entry.latest
-        state = f"version {latest.version} ({latest.metadata.weights})" if latest else "no version"
+        served, canary = entry.served, entry.canary
+        state = f"serves version {served.version} ({served.metadata.weights})" if served else "no version"
+        if served is not None and served.metadata.data:
+            state += f", data: {served.metadata.data}"
+        if canary is not None and entry.serving is not None and entry.serving.canary is not None:
+            state += f"; canary version {canary.version} at {entry.serving.canary.fraction:.0%}"
+        if entry.latest is not None and served is not None and entry.latest.version != served.version:
+            state += f"; latest registered: {entry.latest.version}"
         console.print(f"{entry.name}: {state}{'  (default)' if entry.name == repo.default_model else ''}")
 
 

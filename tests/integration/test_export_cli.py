@@ -85,7 +85,7 @@ def test_serve_refuses_a_repository_without_an_engine(tmp_path: Path) -> None:
 def test_check_repo_reports_versions(exported_repo: Path) -> None:
     result = cli("check-repo", "--model-repo", str(exported_repo))
     assert result.returncode == 0, result.stderr
-    assert "densenet121-nih14: version 1 (untrained)" in result.stderr
+    assert "densenet121-nih14: serves version 1 (untrained)" in result.stderr
 
 
 def test_densenet_engine_gives_class_activation_maps_that_explain_its_scores(exported_repo: Path) -> None:
