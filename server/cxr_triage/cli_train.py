@@ -4,7 +4,11 @@ Each command imports torch (or the trainer) inside its body, so the serving inst
 starts without them and says which extra is missing when one is needed.
 """
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,11 +107,22 @@ def train(
         bool, typer.Option("--register", help="register the best epoch as a new model_repo version")
     ] = False,
     progress: Annotated[bool, typer.Option(help="progress bar")] = True,
+    nproc_per_node: Annotated[
+        int, typer.Option(help="processes per machine: >1 runs DDP under torchrun (one per GPU, or CPU/gloo)")
+    ] = 1,
+    nnodes: Annotated[int, typer.Option(help="machines taking part (each runs this same command)")] = 1,
+    node_rank: Annotated[int | None, typer.Option(help="this machine's rank (static rendezvous)")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="host:port of the rendezvous, the same on every machine")
+    ] = None,
     model_repo: RepoOption = None,
 ) -> None:
     """Train MODEL (DenseNet-121, ViT-B/16… as its config.yaml says) on labelled radiographs."""
     _setup_logging()
     repo = _repo(model_repo)
+    if (nproc_per_node > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        where = run_dir or Path("runs") / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
+        raise typer.Exit(_torchrun(nproc_per_node, nnodes, node_rank, rdzv_endpoint, where))
     overrides = {
         "epochs": epochs,
         "batch_size": batch_size,
@@ -123,8 +138,6 @@ def train(
     }
 
     def go() -> Any:
-        from datetime import datetime
-
         import yaml
 
         from cxr_triage.train.config import TrainConfig
@@ -138,13 +151,15 @@ def train(
         where = run_dir or Path("runs") / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
         result = run_training(cfg, read_config(repo, model), where, resume=resume, progress=progress)
         exported = None
-        if register_version:
+        if register_version and os.environ.get("RANK", "0") == "0":
             from cxr_triage.train.registry import register_run
 
             exported = register_run(result.run_dir, repo)
         return result, exported
 
     result, exported = _run(go)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports
     auroc = result.best_val_mean_auroc
     console.print(
         f"{result.epochs_run} epochs in {result.run_dir}; best epoch {result.best_epoch}, "
@@ -152,6 +167,42 @@ def train(
     )
     if exported is not None:
         console.print(f"registered {model} version {exported.version} (not served until promoted)")
+
+
+def _torchrun(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None, run_dir: Path) -> int:
+    """Run this same `train` command under torchrun (``torch.distributed.run``); return its exit code.
+
+    The run folder is fixed here, so every rank writes to (and rank 0 owns) the same one.
+    """
+    if nnodes > 1 and not endpoint:
+        console.print("[red]--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)[/]")
+        return 2
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--nnodes={nnodes}",
+    ]
+    if nnodes == 1 and not endpoint:
+        launcher.append("--standalone")
+    else:
+        launcher += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=cxr-{run_dir.name}"]
+        if node_rank is not None:
+            launcher.append(f"--node-rank={node_rank}")
+    skip = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--run-dir"}
+    args, argv = [], sys.argv[1:]
+    i = 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in skip:
+            i += 1 if "=" in argv[i] else 2
+            continue
+        args.append(argv[i])
+        i += 1
+    command = [*launcher, "-m", "cxr_triage", *args, "--run-dir", str(run_dir)]
+    console.print(f"torchrun: {nproc} process(es) x {nnodes} node(s), run folder {run_dir}")
+    return subprocess.call(command)
 
 
 def register(

@@ -20,6 +20,7 @@ Run folder::
     run.json         summary written when the run ends
 """
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -35,8 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from cxr_triage.errors import CxrError
@@ -102,28 +105,37 @@ def train(
 ) -> TrainResult:
     """Train ``config``'s network as ``cfg`` says; write everything into ``run_dir``.
 
+    Under torchrun (``WORLD_SIZE`` > 1) the same run is data-parallel (DDP: NCCL on GPUs, gloo
+    on CPUs): ``batch_size`` stays the global batch, each rank sees its shard of every epoch,
+    losses are averaged over ranks, and only rank 0 validates and writes files.
+
     Raises:
-        TrainingError: bad data, a loss or gradient that cannot train, or a resume that does
-        not match the run it resumes.
+        TrainingError: bad data, a loss or gradient that cannot train, a resume that does
+        not match the run it resumes, or ranks whose parameters diverged.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp = Distributed.from_environment()
+    main = ddp.rank == 0
+    device = ddp.device()
     dtype = _autocast_dtype(cfg.precision, device)
-    _seed_everything(cfg.seed)
+    _seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     splits = load_splits(cfg)
     labels = config.labels
     train_ds = _dataset(splits.train, config, augment=cfg.augment, seed=cfg.seed)
     val_ds = _dataset(splits.val, config, augment=False, seed=cfg.seed)
     _check_labels(splits.train, labels)
+    if cfg.batch_size % ddp.world:
+        raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {ddp.world} processes")
 
-    model = build_backbone(config).to(device)
+    net = build_backbone(config).to(device)
     if cfg.init:
-        _load_init(model, cfg, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        _load_init(net, cfg, config)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = ddp.sampler(train_ds, cfg.seed)
     loader = DataLoader(
         train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=True,
+        batch_size=cfg.batch_size // ddp.world,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=cfg.workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         drop_last=False,
@@ -137,23 +149,27 @@ def train(
     start, best = 0, None
     history: list[dict[str, Any]] = []
     if resume and (run_dir / "last.pt").is_file():
-        start, best, history = _resume(run_dir, cfg, model, optimizer, schedule, scaler)
+        start, best, history = _resume(run_dir, cfg, net, optimizer, schedule, scaler, main)
         log.info("resuming %s after epoch %d of %d", run_dir.name, start, cfg.epochs)
-    else:
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.write(run_dir / "config.yaml")
         (run_dir / "data.json").write_text(json.dumps(splits.describe(), indent=2) + "\n")
         (run_dir / "metrics.jsonl").write_text("")
-    tracker = _Tracker.start(cfg, run_dir)
+    model = ddp.wrap(net)
+    tracker = _Tracker.start(cfg, run_dir) if main else _Tracker()
 
     checked = start > 0
     for epoch in range(start + 1, cfg.epochs + 1):  # epochs are counted from 1, exactly cfg.epochs of them
         began = time.perf_counter()
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         for part in getattr(train_ds, "datasets", [train_ds]):
             part.set_epoch(epoch)  # a fresh draw of augmentations each epoch
         losses = []
         # disable=None: the bar shows on a terminal only, so logs and CI output stay readable
-        shown = None if progress else True
+        shown = None if progress and main else True
         batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=shown, leave=False)
         for i, (x, y, mask) in enumerate(batches):
             x, y, mask = x.to(device), y.to(device), mask.to(device)
@@ -171,70 +187,163 @@ def train(
                 schedule.step()
             losses.append(loss.item())
             batches.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        val = _validate(model, val_ds, labels, cfg.batch_size, device, dtype)
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_loss": val["loss"],
-            "val_mean_auroc": val["mean_auroc"],
-            "val_auroc": val["auroc"],
-            "lr": schedule.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - began, 2),
-            "images": len(train_ds),  # type: ignore[arg-type]
-        }
-        history.append(row)
-        improved = best is None or _better(row, history[best - 1])
-        if improved:
-            best = epoch
-            _atomic_save({"model": model.state_dict(), "epoch": epoch}, run_dir / "best.pt")
-            np.savez(run_dir / "val_scores.npz", **val["arrays"])
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(),
+        train_loss = ddp.mean(float(np.sum(losses)), len(losses))
+        row = None
+        if main:
+            val = _validate(net, val_ds, labels, cfg.batch_size, device, dtype)
+            row = {
                 "epoch": epoch,
-                "best_epoch": best,
-                "config_hash": cfg.config_hash(),
-                "rng": _rng_state(),
-            },
-            run_dir / "last.pt",
-        )
-        tracker.log(row)
-        auroc = "n/a" if row["val_mean_auroc"] is None else f"{row['val_mean_auroc']:.3f}"
-        log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val mean AUROC %s (%.0f s)",
-            epoch,
-            cfg.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            auroc,
-            row["seconds"],
-        )
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                "val_mean_auroc": val["mean_auroc"],
+                "val_auroc": val["auroc"],
+                "lr": schedule.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - began, 2),
+                "images": len(train_ds),  # type: ignore[arg-type]
+                "processes": ddp.world,
+            }
+            history.append(row)
+            if best is None or _better(row, history[best - 1]):
+                best = epoch
+                _atomic_save({"model": net.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+                np.savez(run_dir / "val_scores.npz", **val["arrays"])
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            _atomic_save(
+                {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_epoch": best,
+                    "config_hash": cfg.config_hash(),
+                    "rng": _rng_state(),
+                },
+                run_dir / "last.pt",
+            )
+            tracker.log(row)
+            _log_epoch(row, cfg.epochs)
+        else:
+            history.append({"epoch": epoch, "train_loss": train_loss})
+        best = ddp.from_main(best)
     if len(history) != cfg.epochs:  # cannot happen with the loop above; a resume bug would show here
         raise TrainingError(f"ran {len(history)} epochs, asked for {cfg.epochs}")
+    checksums = ddp.gather(parameter_checksum(net))
+    if len(set(checksums)) != 1:
+        raise TrainingError(f"the {ddp.world} processes ended with different parameters: {checksums}")
     best_epoch = best or cfg.epochs
     result = TrainResult(
         run_dir=run_dir,
         epochs_run=len(history),
         best_epoch=best_epoch,
-        best_val_mean_auroc=history[best_epoch - 1]["val_mean_auroc"],
+        best_val_mean_auroc=history[best_epoch - 1].get("val_mean_auroc"),
         history=history,
     )
-    summary = {
-        "epochs": result.epochs_run,
-        "best_epoch": best_epoch,
-        "best_val_mean_auroc": result.best_val_mean_auroc,
-        "config_hash": cfg.config_hash(),
-        "device": device.type,
-        "precision": str(dtype).removeprefix("torch."),
-    }
-    (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    tracker.finish(run_dir)
+    if main:
+        summary = {
+            "epochs": result.epochs_run,
+            "best_epoch": best_epoch,
+            "best_val_mean_auroc": result.best_val_mean_auroc,
+            "config_hash": cfg.config_hash(),
+            "device": device.type,
+            "precision": str(dtype).removeprefix("torch."),
+            "processes": ddp.world,
+            "parameter_sha256_per_rank": checksums,
+        }
+        (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.finish(run_dir)
+    ddp.close()
     return result
+
+
+def _log_epoch(row: dict[str, Any], epochs: int) -> None:
+    auroc = "n/a" if row["val_mean_auroc"] is None else f"{row['val_mean_auroc']:.3f}"
+    log.info(
+        "epoch %d/%d: train loss %.4f, val loss %.4f, val mean AUROC %s (%.0f s)",
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        auroc,
+        row["seconds"],
+    )
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """SHA-256 of every parameter, in order: equal on every rank of a healthy DDP run.
+
+    Buffers are left out: BatchNorm running statistics follow each rank's last local batch
+    (DDP re-broadcasts rank 0's at the next forward), and rank 0's are the ones saved.
+    """
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Distributed:
+    """The process group torchrun set up (or a single process): rank, device, reductions."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+
+    @classmethod
+    def from_environment(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
+        return cls(dist.get_rank(), world, local_rank)
+
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def sampler(self, dataset: Dataset, seed: int) -> DistributedSampler | None:
+        if self.world == 1:
+            return None
+        return DistributedSampler(dataset, self.world, self.rank, shuffle=True, seed=seed)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def mean(self, total: float, count: int) -> float:
+        """Mean over every rank's items (each rank gives its sum and count)."""
+        if self.world == 1:
+            return total / max(1, count)
+        t = torch.tensor([total, float(count)], dtype=torch.float64)
+        if torch.cuda.is_available():
+            t = t.cuda()
+        dist.all_reduce(t)
+        return float(t[0] / t[1].clamp(min=1))
+
+    def from_main(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -381,6 +490,7 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    main: bool = True,
 ) -> tuple[int, int | None, list[dict[str, Any]]]:
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
     if state["config_hash"] != cfg.config_hash():
@@ -401,9 +511,10 @@ def _resume(
         raise TrainingError(
             f"{run_dir.name}/metrics.jsonl has {len(history)} epochs, last.pt says {state['epoch']}"
         )
-    with (run_dir / "metrics.jsonl").open("w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in history)
-    cfg.write(run_dir / "config.yaml")  # epochs may have grown
+    if main:
+        with (run_dir / "metrics.jsonl").open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+        cfg.write(run_dir / "config.yaml")  # epochs may have grown
     return int(state["epoch"]), state.get("best_epoch"), history
 
 
