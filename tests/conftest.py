@@ -21,6 +21,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Training runs in tests log to one MLflow sqlite store for the session (one schema set-up),
+    never to the developer's runs/mlflow.db. Subprocesses inherit it."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    before = os.environ.get("CXR_MLFLOW_TRACKING_URI")
+    os.environ["CXR_MLFLOW_TRACKING_URI"] = uri
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    yield uri
+    if before is None:
+        os.environ.pop("CXR_MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["CXR_MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def exported_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with a tiny (64 px) DenseNet-121, exported by the real exporter, once."""

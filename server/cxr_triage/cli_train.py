@@ -256,12 +256,30 @@ def evaluate(
         )
         points = {k: OperatingPoint.model_validate(v) for k, v in entry.metadata.operating_points.items()}
         folder = out or Path("reports") / f"{model}-v{entry.version}"
-        write_report(report, folder, scored.targets, scored.mask, scored.scores, points or None)
+        files = write_report(report, folder, scored.targets, scored.mask, scored.scores, points or None)
+        _track_evaluation(model, entry, report, files, split_)
         return report, folder
 
     report, folder = _run(go)
     print(report.summary())
     console.print(f"report: {folder}/report.md")
+
+
+def _track_evaluation(model: str, entry: Any, report: Any, files: dict[str, Path], split: str | None) -> None:
+    """The evaluation as an MLflow run, in the store the version was trained in when known."""
+    from cxr_triage.train.tracking import Tracker
+
+    record = getattr(entry.metadata, "mlflow", None) or {}
+    tags = {"kind": "evaluate", "model": model, "model_repo_version": entry.version}
+    name = f"evaluate-v{entry.version}"
+    tracker = Tracker.start(f"cxr-triage/{model}", name, Path("runs"), tags, record.get("tracking_uri"))
+    tracker.params(
+        {"version": entry.version, "dataset": report.dataset, "split": split, "bootstrap": report.bootstrap}
+    )
+    per_label = {f"auroc/{k}": m.auroc for k, m in report.per_label.items()}
+    tracker.metrics({"mean_auroc": report.mean_auroc, "brier": report.brier, "ece": report.ece} | per_label)
+    tracker.artifacts(files.values(), "report")
+    tracker.finish()
 
 
 def promote(

@@ -16,6 +16,7 @@ from typing import Any
 
 from cxr_triage.errors import CxrError
 from cxr_triage.repository import Canary, ServingState, read_serving_state, write_serving_state
+from cxr_triage.train import tracking
 from cxr_triage.train.datasets import LabeledSet
 from cxr_triage.train.evaluate import evaluate
 from cxr_triage.train.scoring import describe, find_version, score_version
@@ -148,6 +149,7 @@ def apply_promotion(repo: Path, gate: GateResult, canary: float | None = None) -
     else:
         state = ServingState(default_version=gate.candidate, history=history)
     write_serving_state(model_dir, state)
+    _move_aliases(repo, gate.model, gate.candidate, canary is not None)
     where = f"canary at {canary:.0%}" if canary else "serves"
     log.info("%s: version %s now %s", gate.model, gate.candidate, where)
     return state
@@ -163,4 +165,16 @@ def rollback(repo: Path, model: str, version: str) -> ServingState:
         default_version=entry.version, history=(before.history if before else ()) + (record,)
     )
     write_serving_state(model_dir, state)
+    _move_aliases(repo, model, entry.version, canary=False)
     return state
+
+
+def _move_aliases(repo: Path, model: str, version: str, canary: bool) -> None:
+    """Keep the MLflow registry in step: `champion` serves, `challenger` is the canary."""
+    _, entry = find_version(repo, model, version)
+    record = getattr(entry.metadata, "mlflow", None)
+    if canary:
+        tracking.move_alias(model, record, version, tracking.CHALLENGER)
+        return
+    tracking.move_alias(model, record, version, tracking.CHAMPION)
+    tracking.drop_alias(model, record, tracking.CHALLENGER)

@@ -19,6 +19,7 @@ from cxr_triage.repository.serving import ServingState
 from cxr_triage.train.config import TrainConfig
 from cxr_triage.train.evaluate import choose_operating_points, evaluate
 from cxr_triage.train.export import ExportResult, export_model, read_config
+from cxr_triage.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ def register_run(run_dir: Path, repo: Path, bootstrap: int = 200) -> ExportResul
             "data": data,
         },
     }
+    tracker = Tracker.resume(run.get("mlflow", {}).get("tracking_uri"), run.get("mlflow", {}).get("run_id"))
+    if tracker.record():
+        extra["mlflow"] = tracker.record()
     _pin_current(repo / cfg.model)
-    return export_model(
+    result = export_model(
         repo,
         cfg.model,
         state=best["model"],
@@ -75,6 +79,10 @@ def register_run(run_dir: Path, repo: Path, bootstrap: int = 200) -> ExportResul
         data=_data_text(data, "training"),
         extra=extra,
     )
+    registered = tracker.register(cfg.model, result.path / "model.onnx", result.version)
+    if registered:
+        log.info("MLflow: %s version %s is registry version %s", cfg.model, result.version, registered)
+    return result
 
 
 def _data_text(data: dict[str, Any], split: str) -> str:

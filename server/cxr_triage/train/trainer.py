@@ -21,7 +21,6 @@ Run folder::
 """
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -49,6 +48,7 @@ from cxr_triage.train.datasets import ImageDataset, LabeledSet, label_matrix, lo
 from cxr_triage.train.evaluate import evaluate
 from cxr_triage.train.models import build_backbone
 from cxr_triage.train.scoring import default_split
+from cxr_triage.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def train(
         (run_dir / "data.json").write_text(json.dumps(splits.describe(), indent=2) + "\n")
         (run_dir / "metrics.jsonl").write_text("")
     model = ddp.wrap(net)
-    tracker = _Tracker.start(cfg, run_dir) if main else _Tracker()
+    tracker = _start_tracking(cfg, run_dir, ddp.world, resumed=start > 0) if main else Tracker()
 
     checked = start > 0
     for epoch in range(start + 1, cfg.epochs + 1):  # epochs are counted from 1, exactly cfg.epochs of them
@@ -222,7 +222,7 @@ def train(
                 },
                 run_dir / "last.pt",
             )
-            tracker.log(row)
+            tracker.metrics(_flat(row), step=epoch)
             _log_epoch(row, cfg.epochs)
         else:
             history.append({"epoch": epoch, "train_loss": train_loss})
@@ -250,11 +250,28 @@ def train(
             "precision": str(dtype).removeprefix("torch."),
             "processes": ddp.world,
             "parameter_sha256_per_rank": checksums,
+            "mlflow": tracker.record(),
         }
         (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tracker.finish(run_dir)
+        tracker.artifacts(
+            run_dir / name for name in ("config.yaml", "data.json", "metrics.jsonl", "run.json")
+        )
+        tracker.finish()
     ddp.close()
     return result
+
+
+def _start_tracking(cfg: TrainConfig, run_dir: Path, world: int, resumed: bool) -> Tracker:
+    tags = {"kind": "train", "model": cfg.model, "run_dir": run_dir.name, "resumed": str(resumed)}
+    tracker = Tracker.start(f"cxr-triage/{cfg.model}", run_dir.name, run_dir.parent, tags)
+    tracker.params(cfg.model_dump() | {"config_hash": cfg.config_hash(), "processes": world})
+    return tracker
+
+
+def _flat(row: dict[str, Any]) -> dict[str, float | None]:
+    """An epoch's metrics row as MLflow metrics: scalars, and per-label AUROC under val_auroc/."""
+    flat = {k: v for k, v in row.items() if isinstance(v, int | float) and k not in ("epoch", "processes")}
+    return flat | {f"val_auroc/{label}": v for label, v in row.get("val_auroc", {}).items()}
 
 
 def _log_epoch(row: dict[str, Any], epochs: int) -> None:
@@ -522,37 +539,3 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-class _Tracker:
-    """MLflow logging when mlflow is installed and MLFLOW_TRACKING_URI is set; otherwise nothing."""
-
-    def __init__(self, mlflow: Any = None) -> None:
-        self.mlflow = mlflow
-
-    @classmethod
-    def start(cls, cfg: TrainConfig, run_dir: Path) -> "_Tracker":
-        if not os.environ.get("MLFLOW_TRACKING_URI") or importlib.util.find_spec("mlflow") is None:
-            return cls()
-        import mlflow
-
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", f"cxr-triage-{cfg.model}"))
-        mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params(
-            {k: str(v) for k, v in cfg.model_dump().items()} | {"config_hash": cfg.config_hash()}
-        )
-        return cls(mlflow)
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.mlflow is None:
-            return
-        flat = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "epoch"}
-        flat |= {f"val_auroc/{k}": v for k, v in row["val_auroc"].items()}
-        self.mlflow.log_metrics(flat, step=row["epoch"])
-
-    def finish(self, run_dir: Path) -> None:
-        if self.mlflow is None:
-            return
-        for name in ("config.yaml", "data.json", "metrics.jsonl", "run.json"):
-            self.mlflow.log_artifact(str(run_dir / name))
-        self.mlflow.end_run()
