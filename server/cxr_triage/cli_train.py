@@ -98,6 +98,12 @@ def train(
     val_fraction: Annotated[float | None, typer.Option(help="patients held out for validation")] = None,
     uncertainty: Annotated[str | None, typer.Option(help="CheXpert uncertain: ones | zeros | ignore")] = None,
     augment: Annotated[bool | None, typer.Option(help="random affine + intensity jitter")] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="LoRA adapters of this rank; 0 trains every weight")
+    ] = None,
+    grad_checkpointing: Annotated[
+        bool | None, typer.Option(help="recompute activations in backward (less memory)")
+    ] = None,
     init: Annotated[Path | None, typer.Option(help="weights to start from")] = None,
     init_kind: Annotated[str | None, typer.Option(help="torch | torchxrayvision | gzsl")] = None,
     config: Annotated[Path | None, typer.Option(help="a run's config.yaml to start from")] = None,
@@ -133,6 +139,8 @@ def train(
         "val_fraction": val_fraction,
         "uncertainty": uncertainty,
         "augment": augment,
+        "lora_rank": lora_rank,
+        "grad_checkpointing": grad_checkpointing,
         "init": str(init) if init else None,
         "init_kind": init_kind,
     }

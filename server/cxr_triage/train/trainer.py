@@ -20,6 +20,7 @@ Run folder::
     run.json         summary written when the run ends
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -126,10 +127,18 @@ def train(
     if cfg.batch_size % ddp.world:
         raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {ddp.world} processes")
 
-    net = build_backbone(config).to(device)
+    net = build_backbone(config)
     if cfg.init:
         _load_init(net, cfg, config)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.grad_checkpointing:
+        if not hasattr(net, "set_grad_checkpointing"):
+            raise TrainingError(f"{config.architecture} does not support gradient checkpointing")
+        net.set_grad_checkpointing(True)  # type: ignore[operator]
+    if cfg.lora_rank:
+        net = _with_lora(net, cfg)
+    net = net.to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = ddp.sampler(train_ds, cfg.seed)
     loader = DataLoader(
         train_ds,
@@ -205,7 +214,7 @@ def train(
             history.append(row)
             if best is None or _better(row, history[best - 1]):
                 best = epoch
-                _atomic_save({"model": net.state_dict(), "epoch": epoch}, run_dir / "best.pt")
+                _atomic_save({"model": plain_state_dict(net), "epoch": epoch}, run_dir / "best.pt")
                 np.savez(run_dir / "val_scores.npz", **val["arrays"])
             with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -250,6 +259,12 @@ def train(
             "precision": str(dtype).removeprefix("torch."),
             "processes": ddp.world,
             "parameter_sha256_per_rank": checksums,
+            "parameters": {
+                "total": sum(p.numel() for p in net.parameters()),
+                "trainable": sum(p.numel() for p in trainable),
+            },
+            "peak_memory_bytes": _peak_memory(device),
+            "lora_rank": cfg.lora_rank,
             "mlflow": tracker.record(),
         }
         (run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -272,6 +287,43 @@ def _flat(row: dict[str, Any]) -> dict[str, float | None]:
     """An epoch's metrics row as MLflow metrics: scalars, and per-label AUROC under val_auroc/."""
     flat = {k: v for k, v in row.items() if isinstance(v, int | float) and k not in ("epoch", "processes")}
     return flat | {f"val_auroc/{label}": v for label, v in row.get("val_auroc", {}).items()}
+
+
+def _with_lora(net: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """LoRA adapters (peft) on ``cfg.lora_targets``; the classifier head trains in full."""
+    from peft import LoraConfig, get_peft_model
+
+    head = [n for n in ("head", "classifier", "fc") if isinstance(getattr(net, n, None), nn.Linear)]
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_targets),
+        lora_dropout=cfg.lora_dropout,
+        modules_to_save=head,
+    )
+    try:
+        wrapped = get_peft_model(net, lora)
+    except ValueError as exc:  # no module matched the targets
+        raise TrainingError(f"LoRA: {exc}; set lora_targets to module names of this network") from exc
+    return wrapped
+
+
+def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as the plain timm network has them: LoRA adapters merged in (on a copy)."""
+    if hasattr(net, "merge_and_unload"):
+        merged: Any = copy.deepcopy(net)
+        merged = merged.merge_and_unload()
+        return {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocations on a GPU, else the peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _log_epoch(row: dict[str, Any], epochs: int) -> None:
