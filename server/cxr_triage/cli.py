@@ -85,10 +85,21 @@ def export(
     data: Annotated[str | None, typer.Option(help="what the weights were trained on")] = None,
     model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
     tolerance: Annotated[float, typer.Option(help="max |ONNX - PyTorch| accepted")] = 1e-4,
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: a static-quantized copy of --from-version (CPU engines)")
+    ] = None,
+    from_version: Annotated[str | None, typer.Option(help="version to quantize (default: served)")] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="images to calibrate int8 on (training data)")
+    ] = None,
+    holdout: Annotated[Path | None, typer.Option(help="held-out set for the int8 AUROC change")] = None,
 ) -> None:
     """Export MODEL to ONNX with timm, check it against PyTorch, register a new version."""
     settings = _settings(model_repo=model_repo)
     _logging("warning")
+    if quantize is not None:
+        _export_int8(settings.model_repo, model, quantize, from_version, calibration, holdout)
+        return
     try:
         from cxr_triage.train.export import export_model
     except ImportError as exc:
@@ -110,6 +121,31 @@ def export(
     )
     if result.weights == "untrained":
         console.print("[bold yellow]untrained[/]: responses will say so; scores are meaningless")
+
+
+def _export_int8(
+    repo: Path, model: str, kind: str, version: str | None, calibration: Path | None, holdout: Path | None
+) -> None:
+    if kind != "int8" or calibration is None or holdout is None:
+        console.print("--quantize int8 needs --calibration DIR (training images) and --holdout DIR")
+        raise typer.Exit(2)
+    from cxr_triage.train.datasets import load_dataset
+    from cxr_triage.train.quantize import quantize_version
+    from cxr_triage.train.scoring import default_split
+
+    try:
+        calib = load_dataset(calibration, default_split(calibration, "train"))
+        held = load_dataset(holdout, default_split(holdout, "test"))
+        with console.status(f"quantizing {model} to int8, then timing and scoring it against fp32…"):
+            result = quantize_version(repo, model, version, calib, held)
+    except CxrError as exc:
+        _fail(exc)
+        return
+    s, a = result.speed, result.mean_auroc
+    console.print(f"{model} version {result.version} (int8), img/s int8 vs fp32:")
+    for batch in (1, 8):
+        console.print(f"  batch {batch}: {s[f'int8_b{batch}']:.1f} vs {s[f'fp32_b{batch}']:.1f}")
+    console.print(f"  mean AUROC int8 {a['int8']} vs fp32 {a['fp32']}; promoted only if faster and not worse")
 
 
 @app.command("check-repo")

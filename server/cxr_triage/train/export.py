@@ -1,6 +1,5 @@
 """Export a model_repo model to ONNX, check it against PyTorch, and register a new version."""
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from cxr_triage.repository.models import (
     Weights,
 )
 from cxr_triage.repository.repo import check_onnx
+from cxr_triage.repository.writer import claim_version, pin_served, sha256_of
 from cxr_triage.train.models import export_module, load_weights
 from cxr_triage.train.torch_eager import TorchEagerEngine
 
@@ -100,7 +100,7 @@ def export_model(
             source_commit=_source_commit(),
             engine=EngineInfo(
                 file=onnx_path.name,
-                sha256=_sha256(onnx_path),
+                sha256=sha256_of(onnx_path),
                 opset=OPSET,
                 heatmap_output="cam" if config.heatmap == "cam" else None,
             ),
@@ -112,7 +112,8 @@ def export_model(
         )
         torch.save(model.backbone.state_dict(), staging / WEIGHTS_FILE)
         (staging / METADATA_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
-        version, final = _claim_version(repo / name, staging)
+        pin_served(repo / name)  # a new version serves only once promoted (or if it is the first)
+        version, final = claim_version(repo / name, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -151,27 +152,6 @@ def parity(model: torch.nn.Module, onnx_path: Path, config: ModelConfig, batch: 
         cam_diff = float(np.max(np.abs(np.asarray(outputs[1]) - cam)) / max(1e-6, float(np.abs(cam).max())))
         diff = max(diff, cam_diff)
     return diff
-
-
-def _claim_version(model_dir: Path, staging: Path) -> tuple[str, Path]:
-    """Rename staging to the next free version number (rename is atomic; retry on a race)."""
-    for _ in range(100):
-        taken = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        version = str(max(taken, default=0) + 1)
-        try:
-            staging.rename(model_dir / version)
-            return version, model_dir / version
-        except OSError:
-            continue
-    raise ExportError(f"could not claim a version folder in {model_dir}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _source_commit() -> str | None:

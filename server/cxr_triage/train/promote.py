@@ -86,6 +86,7 @@ def run_gate(
         reasons.append(
             f"mean AUROC fell by {old.mean_auroc - new.mean_auroc:.4f} (> tolerance {spec.tolerance})"
         )
+    reasons += _int8_reasons(cand.metadata)
     for label in new.evaluable:
         a, b = new.per_label[label].auroc, old.per_label[label].auroc
         if a is None or b is None:
@@ -106,6 +107,21 @@ def run_gate(
         reasons=reasons,
         label_deltas=deltas,
     )
+
+
+def _int8_reasons(metadata: Any) -> list[str]:
+    """An int8 engine is kept only where it pays: faster than its fp32 source, measured here."""
+    if getattr(metadata, "precision", "fp32") != "int8":
+        return []
+    speed = getattr(metadata, "speed", {}) or {}
+    try:
+        ratios = [speed[f"int8_b{b}"] / speed[f"fp32_b{b}"] for b in (1, 8)]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return ["int8 version without a speed measurement; re-quantize it"]
+    if min(ratios) <= 1.0:
+        shown = ", ".join(f"batch {b}: {r:.2f}x" for b, r in zip((1, 8), ratios, strict=True))
+        return [f"int8 is not faster than fp32 on {speed.get('measured_on', 'this machine')} ({shown})"]
+    return []
 
 
 def promote(

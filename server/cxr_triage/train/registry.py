@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_triage.repository import read_serving_state, write_serving_state
-from cxr_triage.repository.repo import ModelRepository
-from cxr_triage.repository.serving import ServingState
+from cxr_triage.repository.writer import pin_served
 from cxr_triage.train.config import TrainConfig
 from cxr_triage.train.evaluate import choose_operating_points, evaluate
 from cxr_triage.train.export import ExportResult, export_model, read_config
@@ -70,7 +68,7 @@ def register_run(run_dir: Path, repo: Path, bootstrap: int = 200) -> ExportResul
     tracker = Tracker.resume(run.get("mlflow", {}).get("tracking_uri"), run.get("mlflow", {}).get("run_id"))
     if tracker.record():
         extra["mlflow"] = tracker.record()
-    _pin_current(repo / cfg.model)
+    pin_served(repo / cfg.model)
     result = export_model(
         repo,
         cfg.model,
@@ -90,17 +88,3 @@ def _data_text(data: dict[str, Any], split: str) -> str:
     kind = "synthetic (not clinical)" if data.get("synthetic") else "+".join(data.get("sources", []))
     part = data.get("train" if split == "training" else "val", {})
     return f"{kind}: {split} split, {part.get('images', '?')} images, {part.get('patients', '?')} patients"
-
-
-def _pin_current(model_dir: Path) -> None:
-    """Before a new version appears, write down which version serves now.
-
-    Without serving.json the highest version serves; registering a candidate must not
-    promote it by the back door, so pin the current one first.
-    """
-    if read_serving_state(model_dir) is not None:
-        return
-    entry = ModelRepository.load(model_dir.parent, check_engines=False).get(model_dir.name)
-    if entry.latest is not None:
-        write_serving_state(model_dir, ServingState(default_version=entry.latest.version))
-        log.info("pinned %s version %s as served before registering", model_dir.name, entry.latest.version)
