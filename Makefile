@@ -12,6 +12,7 @@ help:
 	@echo "make test    install everything needed and run lint, types and the whole test suite"
 	@echo "make bench   engine / decode / served-vs-engine / priority-wait benchmarks -> benchmarks/results/"
 	@echo "make demo-train  synthetic phantoms -> train DenseNet-121 (CPU minutes) -> evaluate -> register -> promote"
+	@echo "make demo-scale  the same with 2 DDP processes, MLflow, and an int8 engine through the gate"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,14 +42,16 @@ serve: engine
 services:
 	@command -v redis-server >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
+	  && command -v chromium >/dev/null \
 	  && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends \
-	    redis-server orthanc orthanc-dicomweb orthanc-gdcm prometheus docker-compose; }
+	    redis-server orthanc orthanc-dicomweb orthanc-gdcm prometheus docker-compose \
+	    chromium fonts-dejavu-core; }
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check server tests benchmarks
-	$(BIN)/ruff format --check server tests benchmarks
+	$(BIN)/ruff check server tests benchmarks loadtests scripts
+	$(BIN)/ruff format --check server tests benchmarks loadtests scripts
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
@@ -67,10 +70,38 @@ clean:
 # generate -> train DenseNet-121 -> register (with operating points) -> gate + promote -> evaluate.
 # The first time, an untrained version is exported so the gate has something to beat.
 DEMO_MODEL ?= densenet121-synthetic-demo
-DEMO_DATA  ?= data/synthetic
+DEMO_DATA  ?= datasets/synthetic
 demo-train: $(VENV)/.dev
 	$(BIN)/cxr-triage synth-data $(DEMO_DATA) --patients 500 --size 96
 	@ls model_repo/$(DEMO_MODEL)/*/model.onnx >/dev/null 2>&1 || $(BIN)/cxr-triage export $(DEMO_MODEL)
 	$(BIN)/cxr-triage train $(DEMO_MODEL) --data $(DEMO_DATA) --epochs 7 --lr 3e-3 --no-augment --register
 	$(BIN)/cxr-triage promote $(DEMO_MODEL) latest --data $(DEMO_DATA)
 	$(BIN)/cxr-triage evaluate $(DEMO_MODEL) --data $(DEMO_DATA) --out reports/$(DEMO_MODEL)
+
+# README screenshots of the worklist page (docs/screenshots/), taken in Debian's chromium with the
+# browser tests' settings against the real service and model_repo/'s default model.
+.PHONY: screenshots
+screenshots: engine $(VENV)/.dev services
+	$(BIN)/python scripts/screenshots.py
+
+# Load tests against the SLO targets in loadtests/slo.yaml: starts the service on a free port
+# (CPU engine, embedded defaults), runs the PNG and the full-resolution J2K DICOM predict suites
+# at 4 users, fails on a breach; results in benchmarks/results/loadtest-<suite>-latest.md.
+loadtest: engine $(VENV)/.dev
+	$(BIN)/python -m loadtests.slo --suite predict-png --suite predict-dicom-j2k --targets loadtests/slo.yaml
+.PHONY: loadtest
+
+# Training past one process, in one command (SYNTHETIC data, CPU): DenseNet-121 with 2 DDP
+# processes (gloo), logged to MLflow (runs/mlflow.db), registered through the gate (fp32),
+# quantized to int8 (kept only if the gate finds it faster and not worse), then the figures.
+demo-scale: $(VENV)/.dev
+	$(BIN)/cxr-triage synth-data $(DEMO_DATA) --patients 500 --size 96
+	@ls model_repo/$(DEMO_MODEL)/*/model.onnx >/dev/null 2>&1 || $(BIN)/cxr-triage export $(DEMO_MODEL)
+	$(BIN)/cxr-triage train $(DEMO_MODEL) --data $(DEMO_DATA) --epochs 7 --lr 3e-3 --no-augment \
+	  --nproc-per-node 2 --register
+	$(BIN)/cxr-triage promote $(DEMO_MODEL) latest --data $(DEMO_DATA) || true
+	$(BIN)/cxr-triage export $(DEMO_MODEL) --quantize int8 --calibration $(DEMO_DATA) --holdout $(DEMO_DATA)
+	$(BIN)/cxr-triage promote $(DEMO_MODEL) latest --data $(DEMO_DATA) || true
+	$(BIN)/cxr-triage check-repo
+	$(BIN)/python -c "import json, pathlib; [print(p.parent.name, 'weights', m['weights'], 'precision', m.get('precision', 'fp32'), 'mlflow run', m.get('mlflow', {}).get('run_id'), 'AUROC', m.get('metrics', {}).get('mean_auroc'), 'int8 speed', m.get('speed')) for p in sorted(pathlib.Path('model_repo/$(DEMO_MODEL)').glob('*/metadata.json')) for m in [json.loads(p.read_text())]]"
+.PHONY: demo-scale

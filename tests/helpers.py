@@ -231,3 +231,47 @@ def orthanc(workdir: Path, dicomweb_servers: dict[str, str] | None = None) -> It
     finally:
         stop(proc)
         log.close()
+
+
+def add_version(
+    model_dir: Path,
+    source: str = "1",
+    scale: float = 1.0,
+    thresholds: dict[str, float] | None = None,
+    engine: bytes | None = None,
+) -> str:
+    """Register a new version of an exported model by copying version ``source`` (no torch).
+
+    ``scale`` multiplies the classifier weights (the one initializer shaped (labels, features)),
+    so the new version's probabilities differ; ``thresholds`` go into its metadata.json (its
+    own operating points); ``engine`` replaces the ONNX file's bytes (e.g. a corrupt one). The
+    folder is renamed into place whole, as the exporter does. Returns the new version.
+    """
+    import hashlib
+    import json
+    import uuid
+
+    import onnx
+    from onnx import numpy_helper
+
+    labels = yaml.safe_load((model_dir / "config.yaml").read_text())["labels"]
+    staging = model_dir / f".staging-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(model_dir / source, staging)
+    meta = json.loads((staging / "metadata.json").read_text())
+    onnx_path = staging / meta["engine"]["file"]
+    if engine is None and scale != 1.0:
+        model = onnx.load(str(onnx_path))
+        heads = [i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == len(labels)]
+        assert len(heads) == 1, f"expected one classifier initializer, found {[h.name for h in heads]}"
+        weights = numpy_helper.to_array(heads[0]) * np.float32(scale)
+        heads[0].CopyFrom(numpy_helper.from_array(weights, heads[0].name))
+        onnx.save(model, str(onnx_path))
+    elif engine is not None:
+        onnx_path.write_bytes(engine)
+    meta["engine"]["sha256"] = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if thresholds is not None:
+        meta["thresholds"] = thresholds
+    (staging / "metadata.json").write_text(json.dumps(meta, indent=2))
+    version = str(max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1)
+    staging.rename(model_dir / version)
+    return version

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     model_repo: Path = Field(Path("model_repo"), description="the model repository folder")
     default_model: str | None = Field(None, description="overrides the repository's `default: true` model")
     models: list[str] | None = Field(None, description="models to serve; default: every model with a version")
+    reload_poll_s: float = Field(
+        2.0,
+        ge=0,
+        description="how often (s) each process looks for a changed serving.json (promotion, canary) "
+        "and switches versions without a restart; 0 = never",
+    )
     backend: Backend = Field("auto", description="engine preference; auto picks TensorRT > CUDA > CPU")
     inference_workers: int = Field(1, ge=1, le=64, description="LitServe inference processes")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per engine; 0 = all cores")

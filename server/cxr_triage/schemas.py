@@ -8,6 +8,16 @@ Priority = Literal["stat", "urgent", "routine", "backfill"]
 PRIORITIES: tuple[Priority, ...] = ("stat", "urgent", "routine", "backfill")
 DICOM_UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # PS3.5 §9.1, at most 64 characters
 UNTRAINED_WARNING = "model weights are untrained: scores are meaningless, not for clinical use"
+SYNTHETIC_WARNING = "model trained on synthetic phantoms, not patients: not for clinical use"
+
+
+def provenance_warning(weights: str, data: str | None) -> str | None:
+    """The warning every result of a version carries when its weights cannot be trusted clinically."""
+    if weights == "untrained":
+        return UNTRAINED_WARNING
+    if data and data.lower().startswith("synthetic"):
+        return SYNTHETIC_WARNING
+    return None
 
 
 class ModelRef(BaseModel):
@@ -45,7 +55,15 @@ class VersionOut(BaseModel):
     data: str | None = None
     created: str
     metrics: dict[str, Any] = Field(default_factory=dict)
-    serving: bool
+    serving: bool = Field(..., description="this version scores jobs (as the default or the canary)")
+    role: Literal["default", "canary"] | None = Field(
+        None,
+        description="default: the promoted version (before any promotion, the highest one when the "
+        "service started); canary: a candidate scoring a fixed share of jobs; null: not serving",
+    )
+    traffic: float | None = Field(
+        None, ge=0, le=1, description="share of the model's jobs this version scores; null: not serving"
+    )
 
 
 class ModelOut(BaseModel):

@@ -106,3 +106,15 @@ def test_corrupt_engine_and_bad_metadata_are_caught(exported_repo: Path, tmp_pat
     message = problems(repo)
     assert "not a readable ONNX file" in message
     assert "2/metadata.json: weights" in message
+
+
+def test_untrained_and_synthetic_versions_say_not_for_clinical_use() -> None:
+    from cxr_triage.schemas import SYNTHETIC_WARNING, UNTRAINED_WARNING, provenance_warning
+
+    assert provenance_warning("untrained", None) == UNTRAINED_WARNING
+    assert (
+        provenance_warning("trained", "synthetic (not clinical): training split, 10 images")
+        == SYNTHETIC_WARNING
+    )
+    assert provenance_warning("trained", "chestxray14: training split, 86524 images") is None
+    assert "not for clinical use" in SYNTHETIC_WARNING

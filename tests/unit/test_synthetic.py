@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr_triage.feedback.export import ENTRY_COLUMNS
 from cxr_triage.imaging import resize_for_model
 from cxr_triage.repository.models import InputSpec
 from cxr_triage.train.datasets import NIH_LABELS, DatasetError, load_chestxray14, split_by_patient
 from cxr_triage.train.synthetic import MARKER_TITLE, SYNTHETIC_FINDINGS, generate, render_phantom
 
-NIH_COLUMNS = [
-    "Image Index",
-    "Finding Labels",
-    "Follow-up #",
-    "Patient ID",
-    "Patient Age",
-    "Patient Gender",
-    "View Position",
-    "OriginalImage[Width",
-    "Height]",
-    "OriginalImagePixelSpacing[x",
-    "y]",
-]
+NIH_COLUMNS = ENTRY_COLUMNS  # the ChestX-ray14 header, one definition
 
 
 @pytest.fixture(scope="module")

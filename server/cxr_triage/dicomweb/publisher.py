@@ -91,7 +91,7 @@ class SrPublisher:
         series_uid, out = generate_uid(), list[Dataset]()
         for instance, header in pairs:
             stored = self.queue.heatmap(instance["job_id"])
-            if stored is None:
+            if stored is None or stored[1] is None:  # no CAM output (e.g. a ViT): no overlay
                 continue
             index, label = top_finding(instance["prediction"])
             rgb = overlay(stored[0], stored[1][index])

@@ -87,6 +87,11 @@ MODEL_INFO = Gauge(
     ["model", "version", "weights", "backend"],
     multiprocess_mode="liveall",
 )
+MODEL_RELOADS = Counter(
+    "cxr_triage_model_reloads_total",
+    "Hot reloads after a changed serving.json, per inference worker; failed: the old version kept serving",
+    ["model", "outcome"],
+)
 
 
 def is_multiprocess() -> bool:

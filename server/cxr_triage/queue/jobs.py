@@ -134,20 +134,22 @@ class JobQueue:
         """Stored DICOM source headers (None for non-DICOM jobs)."""
         return list(self.r.mget([f"cxr:header:{j}" for j in job_ids])) if job_ids else []
 
-    def store_heatmap(self, job_id: str, image: np.ndarray, cam: np.ndarray) -> None:
-        """Keep a scored image's model input (8-bit) and its CAMs (labels, h, w) for overlays."""
+    def store_heatmap(self, job_id: str, image: np.ndarray, cam: np.ndarray | None) -> None:
+        """Keep a scored image's model input (8-bit) and its CAMs (labels, h, w) when the engine
+        has them: the page's preview, heatmap overlays and the feedback export's images."""
         buf = io.BytesIO()
         eight_bit = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-        np.savez_compressed(buf, image=eight_bit, cam=cam.astype(np.float16))
+        arrays = {"image": eight_bit} | ({} if cam is None else {"cam": cam.astype(np.float16)})
+        np.savez_compressed(buf, **arrays)
         self.r.set(f"cxr:heatmap:{job_id}", buf.getvalue())
 
-    def heatmap(self, job_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(8-bit model input, CAMs as float32) of a scored image, or None."""
+    def heatmap(self, job_id: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(8-bit model input, CAMs as float32 or None without a heatmap output), or None."""
         blob = self.r.get(f"cxr:heatmap:{job_id}")
         if blob is None:
             return None
         with np.load(io.BytesIO(blob)) as data:
-            return data["image"], data["cam"].astype(np.float32)
+            return data["image"], data["cam"].astype(np.float32) if "cam" in data.files else None
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))

@@ -1,7 +1,8 @@
-"""The LitServe API: engines live here, one per served model, built in ``setup``.
+"""The LitServe API: engines live here, one per served model version, built in ``setup``.
 
 Per LitServe's contract the API object is pickled into each inference worker, so ``__init__``
-holds configuration only and ``setup`` loads the repository and engines in the worker.
+holds configuration only and ``setup`` loads the repository and engines in the worker. Which
+versions serve, and their swap when serving.json changes, is ``serving.versions``.
 """
 
 import json
@@ -21,16 +22,16 @@ import numpy as np
 from fastapi import Depends
 
 from cxr_triage.config import Settings
-from cxr_triage.engines import Engine, OnnxEngine
-from cxr_triage.errors import CxrError, NotReady, RepositoryError
+from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
-from cxr_triage.repository import BatchingSpec, ModelEntry, ModelRepository, VersionEntry
-from cxr_triage.schemas import UNTRAINED_WARNING, PredictResponse
+from cxr_triage.repository import BatchingSpec, ModelRepository
+from cxr_triage.schemas import PredictResponse
 from cxr_triage.serving.intake import Ticket, read_upload
 from cxr_triage.serving.loop import TriageLoop
+from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
 from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
 
@@ -38,23 +39,19 @@ log = logging.getLogger(__name__)
 Outcome = dict[str, Any] | CxrError
 
 
-class LoadedModel:
-    def __init__(self, entry: ModelEntry, version: VersionEntry, engine: Engine) -> None:
-        self.entry, self.version, self.engine = entry, version, engine
-        self.ref = {
-            "name": entry.name,
-            "version": version.version,
-            "backend": engine.backend,
-            "weights": version.metadata.weights,
-        }
-
-
 class TriageAPI(ls.LitAPI):
     """Leases batches from the Redis queue, scores them, stores outcomes; see TriageLoop."""
 
-    def __init__(self, settings: Settings, served: Mapping[str, str], batching: BatchingSpec) -> None:
-        """``served``: model name -> version, pinned at start-up so a restarted worker loads the
-        same version the HTTP process validated (not whatever was exported since)."""
+    def __init__(
+        self,
+        settings: Settings,
+        served: Mapping[str, str],
+        batching: BatchingSpec,
+        fallback: ModelRepository | None = None,
+    ) -> None:
+        """``served``: model name -> the version the HTTP process validated at start-up; with
+        ``fallback`` (the repository it validated) what a worker falls back to when serving.json
+        names a version that does not load (see ServedVersions)."""
         super().__init__(
             max_batch_size=batching.max_batch_size,
             batch_timeout=batching.batch_timeout_ms / 1000.0,
@@ -63,32 +60,27 @@ class TriageAPI(ls.LitAPI):
         )
         self.settings = settings
         self.served = dict(served)
-        self.models: dict[str, LoadedModel] = {}
+        self.fallback = fallback
+        self.versions: ServedVersions | None = None
         self._first_ready: float | None = None
-        self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # job id -> (model input, CAMs)
+        self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        """The versions scoring each served model's jobs (empty before ``setup``)."""
+        return self.versions.routes if self.versions is not None else {}
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The default (promoted) version of each served model."""
+        return {name: route.default for name, route in self.routes.items()}
 
     def setup(self, device: str) -> None:
         configure_logging(self.settings.log_level)  # a spawned worker starts with no logging set up
         tracing.setup_tracing(self.settings, "inference-worker")
-        repo = ModelRepository.load(
-            self.settings.model_repo, self.settings.default_model, check_engines=False
-        )
-        for name, pinned in self.served.items():
-            entry = repo.get(name)
-            version = entry.versions.get(pinned)
-            if version is None:
-                raise RepositoryError(f"{name} version {pinned} is gone from the repository; restart")
-            engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
-            self.models[name] = LoadedModel(entry, version, engine)
-            metrics.MODEL_INFO.labels(name, version.version, version.metadata.weights, engine.backend).set(1)
-            log.info(
-                "loaded %s version %s on %s (weights: %s)",
-                name,
-                version.version,
-                engine.backend,
-                version.metadata.weights,
-            )
+        self.versions = ServedVersions(self.settings, self.served, self.fallback)
+        self.versions.start()
         if not self.settings.redis_url:
             raise NotReady("no Redis URL: build_service sets it before workers start")
         self.queue = JobQueue(RedisHandle(self.settings.redis_url).client(), self.settings.max_wait_s)
@@ -167,6 +159,9 @@ class TriageAPI(ls.LitAPI):
         return out + [(j, vanished) for j, status in statuses.items() if status is None]
 
     def reap_if_due(self) -> None:
+        """Upkeep between batches: pick up a changed serving.json, re-deliver expired leases."""
+        if self.versions is not None:
+            self.versions.reload_if_changed()
         now = time.monotonic()
         if now < self._next_reap:
             return
@@ -181,20 +176,27 @@ class TriageAPI(ls.LitAPI):
     # --- scoring ------------------------------------------------------------------------------
 
     def score_batch(self, jobs: Sequence[LeasedJob]) -> list[Outcome]:
-        """Score leased jobs: one engine call per model; a failing input fails alone.
+        """Score leased jobs: one engine call per model version; a failing input fails alone.
 
-        Returns one outcome per job, in order: the API.md response dict, or its CxrError.
+        Each job goes to its model's default version or, during a canary, to the canary when
+        ``goes_to_canary`` says so. Returns one outcome per job, in order: the API.md
+        response dict (naming the version that made it), or its CxrError.
         """
-        groups: dict[str, list[int]] = defaultdict(list)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        chosen: dict[tuple[str, str], LoadedModel | None] = {}
         for i, job in enumerate(jobs):
-            groups[job.model].append(i)
+            route = self.routes.get(job.model)
+            model = route.pick(job.job_id) if route is not None else None
+            key = model.key if model is not None else (job.model, "")
+            chosen[key] = model
+            groups[key].append(i)
         outcomes: dict[int, Outcome] = {}
-        for name, idx in groups.items():
-            outcomes.update(zip(idx, self._score_group(name, [jobs[i] for i in idx]), strict=True))
+        for key, idx in groups.items():
+            group = [jobs[i] for i in idx]
+            outcomes.update(zip(idx, self._score_group(key[0], chosen[key], group), strict=True))
         return [outcomes[i] for i in range(len(jobs))]
 
-    def _score_group(self, name: str, jobs: list[LeasedJob]) -> list[Outcome]:
-        model = self.models.get(name)
+    def _score_group(self, name: str, model: LoadedModel | None, jobs: list[LeasedJob]) -> list[Outcome]:
         if model is None:
             return [NotReady(f"model {name} is not loaded by this worker") for _ in jobs]
         try:
@@ -203,7 +205,7 @@ class TriageAPI(ls.LitAPI):
             if len(jobs) == 1:
                 log.exception("engine failed on job %s", jobs[0].job_id)
                 return [CxrError("the engine failed on this image; it is logged with the job id")]
-            return [o for job in jobs for o in self._score_group(name, [job])]
+            return [o for job in jobs for o in self._score_group(name, model, [job])]
         n = len(jobs)
         return [self._safe_result(model, job, p, infer_s, n) for job, p in zip(jobs, probs, strict=True)]
 
@@ -229,22 +231,21 @@ class TriageAPI(ls.LitAPI):
         ref = model.ref
         metrics.BATCH_SIZE.labels(ref["name"]).observe(len(jobs))
         metrics.INFERENCE_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).observe(elapsed)
-        if cams is not None:
-            for job, cam in zip(jobs, cams, strict=True):
-                if job.fields.get("track") == "1" and job.input is not None:
-                    self._heatmaps[job.job_id] = (job.input.pixels, cam)
+        for i, job in enumerate(jobs):  # studies keep what the model saw (and its CAMs, if any)
+            if job.fields.get("track") == "1" and job.input is not None:
+                self._heatmaps[job.job_id] = (job.input.pixels, None if cams is None else cams[i])
         return probs, elapsed
 
     def _result(
         self, model: LoadedModel, job: LeasedJob, probs: Any, infer_s: float, batch: int
     ) -> dict[str, Any]:
         config = model.entry.config
-        findings = score_findings(config.labels, probs, config.thresholds)
+        findings = score_findings(config.labels, probs, model.thresholds)
         queue_s = max(0.0, float(job.fields["leased_at"]) - float(job.fields["enqueued_at"]))
         metrics.QUEUE_WAIT_SECONDS.labels(job.fields["priority"]).observe(queue_s)
         warnings = list(job.input.warnings) if job.input else []
-        if model.ref["weights"] == "untrained":
-            warnings.insert(0, UNTRAINED_WARNING)
+        if model.warning:
+            warnings.insert(0, model.warning)
         return {
             "request_id": job.fields["request_id"],
             "job_id": job.job_id,

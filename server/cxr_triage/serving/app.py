@@ -1,14 +1,18 @@
 """Assemble the service: repository check, LitServe server, routes, error handling."""
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
 
 import litserve as ls
+from fastapi import FastAPI
 from litserve.utils import WorkerSetupStatus
 
 from cxr_triage.config import Settings
@@ -18,13 +22,14 @@ from cxr_triage.observability import tracing
 from cxr_triage.queue import JobQueue, RedisHandle, connect
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
-from cxr_triage.schemas import UNTRAINED_WARNING
+from cxr_triage.schemas import provenance_warning
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
 from cxr_triage.serving.study_routes import build_study_router
+from cxr_triage.web import install_web
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +105,12 @@ def build_service(settings: Settings) -> Service:
     handle = connect(settings)
     settings = settings.model_copy(update={"redis_url": handle.url})
     for name in served:
-        version = repo.models[name].latest
-        if version is not None and version.metadata.weights == "untrained":
-            log.warning("%s version %s: %s", name, version.version, UNTRAINED_WARNING.upper())
-    pinned = {name: version.version for name in served if (version := repo.models[name].latest) is not None}
-    api = TriageAPI(settings, pinned, repo.get(None).config.batching)
+        version = repo.models[name].served
+        warning = version and provenance_warning(version.metadata.weights, version.metadata.data)
+        if version is not None and warning:
+            log.warning("%s version %s: %s", name, version.version, warning.upper())
+    pinned = {name: version.version for name in served if (version := repo.models[name].served) is not None}
+    api = TriageAPI(settings, pinned, repo.get(None).config.batching, fallback=repo)
     server = ls.LitServer(
         api,
         accelerator="cpu",
@@ -118,7 +124,7 @@ def build_service(settings: Settings) -> Service:
     )
     client = handle.client()
     intake = Intake(settings, repo, served, JobQueue(client, settings.max_wait_s))
-    studies = StudyStore(client, lambda name: repo.get(name).config.critical_findings)
+    studies = StudyStore(client, lambda name: intake.repository.get(name).config.critical_findings)
     app = server.app
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
@@ -127,10 +133,29 @@ def build_service(settings: Settings) -> Service:
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)
     install_request_metrics(app)
+    _follow_serving(app, intake)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys])
+    install_web(app, intake, studies)  # last: the page shell answers before the API key is asked
     document_predict(app)
     return Service(server=server, intake=intake, redis=handle)
+
+
+def _follow_serving(app: FastAPI, intake: Intake) -> None:
+    """Run ``intake.follow_serving`` beside LitServe's own lifespan in each HTTP process
+    (LitServe sets a lifespan, so FastAPI start-up handlers would not run)."""
+    litserve_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with litserve_lifespan(app):
+            task = asyncio.create_task(intake.follow_serving(), name="follow-serving-json")
+            try:
+                yield
+            finally:
+                task.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def _workers_problem(server: ls.LitServer) -> str | None:

@@ -33,6 +33,7 @@ from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import DICOM_UID_PATTERN, Priority
+from cxr_triage.serving.reload import ServingWatch, default_version, read_serving
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,52 @@ class Intake:
         self.settings = settings
         self.repository = repository
         self.served = served
+        # name -> version serving at start-up: it keeps serving while there is no serving.json.
+        self.pinned = {n: v.version for n in served if (v := repository.get(n).served) is not None}
         self.queue = queue
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
         self._pool: ProcessPoolExecutor | None = None
         self._pool_pid: int | None = None
+        # seen=False: the first poll re-reads, covering a promotion since ``repository`` was read.
+        self._watch = ServingWatch(settings.model_repo, served, settings.reload_poll_s, seen=False)
+
+    async def follow_serving(self) -> None:
+        """Refresh the view every CXR_RELOAD_POLL_S for the life of the HTTP process (a task),
+        so that it goes through the serving states the workers go through: refreshing only when
+        asked could skip a good state that a broken serving.json then replaced, and keep
+        showing an older one than the workers serve."""
+        while self.settings.reload_poll_s > 0:
+            await asyncio.sleep(self.settings.reload_poll_s)
+            try:
+                await self.refresh()
+            except Exception:  # the poller must outlive any one bad look at the folder
+                log.exception("could not look at the model repository; trying again")
+
+    async def refresh(self) -> None:
+        """Re-read the repository when a served model's serving.json changed (polled at most
+        every CXR_RELOAD_POLL_S), so that what the service says it serves follows promotions.
+
+        A repository that does not read, or names an engine that does not load, keeps the last
+        good view (the inference workers keep the old version then too); logged once per change.
+        """
+        changed = self._watch.changed()
+        if not changed:
+            return
+        s = self.settings
+        try:  # in a thread: checking the served engines reads their ONNX files
+            self.repository = await asyncio.to_thread(
+                read_serving, s.model_repo, s.default_model, self.pinned
+            )
+        except Exception as exc:  # whatever the problem, /v1/models and /ready keep working
+            names = ", ".join(changed)
+            log.error(
+                "serving.json of %s changed but cannot be served; keeping the previous view: %s", names, exc
+            )
+
+    def default_versions(self) -> dict[str, str]:
+        """Served model -> its default (promoted) version, as the repository view says."""
+        versions = {n: default_version(self.repository.get(n), self.pinned.get(n)) for n in self.served}
+        return {name: v.version for name, v in versions.items() if v is not None}
 
     def pool(self) -> ProcessPoolExecutor:
         # Created lazily in the process that uses it: LitServe forks the HTTP server after start-up.

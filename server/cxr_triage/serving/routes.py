@@ -14,8 +14,10 @@ from cxr_triage.feedback.clinical import clinical_window
 from cxr_triage.observability import metrics
 from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue.studies import StudyStore
+from cxr_triage.repository import VersionEntry
 from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
 from cxr_triage.serving.intake import Intake
+from cxr_triage.serving.reload import Role, traffic_split
 
 ReadyCheck = Callable[[], str | None]
 
@@ -37,10 +39,12 @@ def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyChec
         if problem:
             raise NotReady(problem)
         await intake.warm()
-        return {"status": "ready", "models": intake.served}
+        await intake.refresh()
+        return {"status": "ready", "models": intake.served, "versions": intake.default_versions()}
 
     @router.get("/v1/models", response_model=ModelsResponse, summary="served models, versions and labels")
     async def models() -> ModelsResponse:
+        await intake.refresh()
         return list_models(intake)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -78,21 +82,14 @@ def _queue_problem(intake: Intake) -> str | None:
 
 
 def list_models(intake: Intake) -> ModelsResponse:
+    """Every model of the repository as it is now; the served ones say which versions score
+    their jobs (the promoted default and any canary) and each one's share of the traffic."""
     backend = backend_name(choose_providers(intake.settings.backend)[0])
     out = []
     for entry in intake.repository.models.values():
-        latest = entry.latest
-        serving = entry.name in intake.served
+        split = traffic_split(entry, intake.pinned.get(entry.name)) if entry.name in intake.served else {}
         versions = [
-            VersionOut(
-                version=v.version,
-                backend=backend if serving and v is latest else None,
-                weights=v.metadata.weights,
-                data=v.metadata.data,
-                created=v.metadata.created.isoformat(),
-                metrics=v.metadata.metrics,
-                serving=serving and v is latest,
-            )
+            _version_out(v, split.get(v.version), backend)
             for v in sorted(entry.versions.values(), key=lambda v: int(v.version))
         ]
         out.append(
@@ -107,6 +104,20 @@ def list_models(intake: Intake) -> ModelsResponse:
             )
         )
     return ModelsResponse(models=out)
+
+
+def _version_out(v: VersionEntry, share: tuple[Role, float] | None, backend: str) -> VersionOut:
+    return VersionOut(
+        version=v.version,
+        backend=backend if share else None,
+        weights=v.metadata.weights,
+        data=v.metadata.data,
+        created=v.metadata.created.isoformat(),
+        metrics=v.metadata.metrics,
+        serving=share is not None,
+        role=share[0] if share else None,
+        traffic=share[1] if share else None,
+    )
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from cxr_triage.feedback.export import ENTRY_COLUMNS
 from cxr_triage.train.datasets import NIH_ENTRY, NIH_LABELS, NIH_SPLIT_LISTS, SYNTHETIC_MARKER, DatasetError
 
 PATTERNS: dict[str, str] = {
@@ -397,21 +398,7 @@ def generate(
     train_val = sorted(n for pid in ids if pid not in test_ids for n in by_patient[pid])
     with (root / NIH_ENTRY).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "Image Index",
-                "Finding Labels",
-                "Follow-up #",
-                "Patient ID",
-                "Patient Age",
-                "Patient Gender",
-                "View Position",
-                "OriginalImage[Width",
-                "Height]",
-                "OriginalImagePixelSpacing[x",
-                "y]",
-            ]
-        )
+        writer.writerow(ENTRY_COLUMNS)
         writer.writerows(rows)
     (root / NIH_SPLIT_LISTS["train_val"]).write_text("".join(n + "\n" for n in train_val))
     (root / NIH_SPLIT_LISTS["test"]).write_text("".join(n + "\n" for n in test))
