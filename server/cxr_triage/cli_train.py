@@ -4,7 +4,6 @@ Each command imports torch (or the trainer) inside its body, so the serving inst
 starts without them and says which extra is missing when one is needed.
 """
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,10 +15,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cxr_triage.config import Settings
+from cxr_triage.config import Settings, TrainerSettings
 from cxr_triage.errors import CxrError
 
 console = Console(stderr=True, soft_wrap=True)
+report_out = Console(soft_wrap=True, highlight=False)  # results a script may read: stdout
 RepoOption = Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")]
 DataOption = Annotated[
     Path, typer.Option("--data", help="dataset folder (ChestX-ray14, CheXpert or feedback)")
@@ -126,7 +126,8 @@ def train(
     """Train MODEL (DenseNet-121, ViT-B/16… as its config.yaml says) on labelled radiographs."""
     _setup_logging()
     repo = _repo(model_repo)
-    if (nproc_per_node > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
+    launch = TrainerSettings()
+    if (nproc_per_node > 1 or nnodes > 1) and not launch.under_torchrun:
         where = run_dir or Path("runs") / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
         raise typer.Exit(_torchrun(nproc_per_node, nnodes, node_rank, rdzv_endpoint, where))
     overrides = {
@@ -159,14 +160,14 @@ def train(
         where = run_dir or Path("runs") / f"{model}-{datetime.now():%Y%m%d-%H%M%S}"
         result = run_training(cfg, read_config(repo, model), where, resume=resume, progress=progress)
         exported = None
-        if register_version and os.environ.get("RANK", "0") == "0":
+        if register_version and launch.rank == 0:
             from cxr_triage.train.registry import register_run
 
             exported = register_run(result.run_dir, repo)
         return result, exported
 
     result, exported = _run(go)
-    if os.environ.get("RANK", "0") != "0":
+    if launch.rank != 0:
         return  # rank 0 reports
     auroc = result.best_val_mean_auroc
     console.print(
@@ -269,7 +270,7 @@ def evaluate(
         return report, folder
 
     report, folder = _run(go)
-    print(report.summary())
+    report_out.print(report.summary(), markup=False)
     console.print(f"report: {folder}/report.md")
 
 
@@ -312,7 +313,7 @@ def promote(
         return run_promotion(_repo(model_repo), model, version, dataset, split_, canary)
 
     gate = _run(go)
-    print(gate.summary())
+    report_out.print(gate.summary(), markup=False)
     where = f"as a canary for {canary:.0%} of jobs" if canary else "as the served version"
     console.print(
         f"{model} version {gate.candidate} promoted {where}; running servers pick it up on their next poll"
@@ -404,6 +405,6 @@ def retrain(
         )
 
     outcome = _run(go)
-    print(outcome.summary())
+    report_out.print(outcome.summary(), markup=False)
     if not outcome.promoted:
         raise typer.Exit(1)

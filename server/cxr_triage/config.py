@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -111,3 +111,34 @@ class Settings(BaseSettings):
             stale.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
         return folder
+
+
+class TrainerSettings(BaseSettings):
+    """The trainer's environment: where MLflow records go, and the launch torchrun describes.
+
+    ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` are torchrun's own variables (no CXR_ prefix):
+    set in each process it starts, absent in a plain run.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=None, extra="ignore")
+
+    mlflow: bool = Field(
+        True, description="log train/evaluate runs and versions to MLflow (CXR_MLFLOW=off: no)"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CXR_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="a shared MLflow server; default: sqlite beside the runs",
+    )
+    rank: int = Field(0, ge=0, validation_alias="RANK")
+    world_size: int = Field(1, ge=1, validation_alias="WORLD_SIZE")
+    local_rank: int | None = Field(None, ge=0, validation_alias="LOCAL_RANK")
+
+    @property
+    def under_torchrun(self) -> bool:
+        return self.local_rank is not None
+
+    @staticmethod
+    def prepare_mlflow_environment() -> None:
+        """MLflow calls home unless told not to; this machine and many hospitals have no internet."""
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

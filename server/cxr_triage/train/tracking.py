@@ -12,22 +12,23 @@ otherwise a local sqlite store ``mlflow.db`` beside the runs, with artifacts in
 """
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from cxr_triage.config import TrainerSettings
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def enabled() -> bool:
-    return os.environ.get("CXR_MLFLOW", "on").lower() not in ("off", "0", "false", "no")
+    return TrainerSettings().mlflow
 
 
 def tracking_uri(runs_root: Path) -> str:
     """The shared server if one is configured, else the sqlite store under ``runs_root``."""
-    uri = os.environ.get("CXR_MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = TrainerSettings().mlflow_tracking_uri
     if uri:
         return uri
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ class Tracker:
         """A new run; ``uri`` (e.g. the store a version was trained in) wins over the default."""
         if not enabled():
             return cls()
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        TrainerSettings.prepare_mlflow_environment()
         from mlflow import MlflowClient
 
         uri = uri or tracking_uri(runs_root)
@@ -73,7 +74,7 @@ class Tracker:
         """Re-open a finished run (to attach its exported engine), or nothing."""
         if not (enabled() and uri and run_id):
             return cls()
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        TrainerSettings.prepare_mlflow_environment()
         from mlflow import MlflowClient
 
         return cls(MlflowClient(tracking_uri=uri, registry_uri=uri), run_id, uri)

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from cxr_triage.config import TrainerSettings
 from cxr_triage.errors import CxrError
 from cxr_triage.repository.models import ModelConfig
 from cxr_triage.train.config import TrainConfig
@@ -359,13 +360,14 @@ class Distributed:
 
     @classmethod
     def from_environment(cls) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        launch = TrainerSettings()
+        world = launch.world_size
         if world <= 1:
             return cls()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = launch.local_rank or 0
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         log.info("rank %d of %d (%s)", dist.get_rank(), world, backend)
