@@ -22,9 +22,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +36,7 @@ from typing import Any
 
 import httpx
 import yaml
+from benchmarks.bench_core import embedded_redis, running_server
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loadtests import samples
@@ -257,12 +255,6 @@ def group_cpu_s(pgid: int | None, extra_pids: Sequence[int] = ()) -> float:
 # --------------------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def default_model(repo: Path) -> str:
     """The model the server scores by default: CXR_DEFAULT_MODEL, else the config marked default."""
     if os.environ.get("CXR_DEFAULT_MODEL"):
@@ -295,75 +287,21 @@ class Server:
 
     def redis_pids(self) -> list[int]:
         """The embedded Redis daemonizes into its own session; found by its working folder."""
-        if self.data_dir is None:
-            return []
-        found = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            with suppress(OSError):
-                if (
-                    os.readlink(proc / "cwd") == str(self.data_dir.resolve())
-                    and b"redis-server" in (proc / "cmdline").read_bytes()
-                ):
-                    found.append(int(proc.name))
-        return found
+        pid = embedded_redis(self.data_dir) if self.data_dir is not None else None
+        return [] if pid is None else [pid]
 
 
 @contextmanager
 def local_server(repo: Path, timeout: float = 180.0) -> Iterator[Server]:
-    """``cxr-triage serve`` on a free 127.0.0.1 port, embedded defaults, a fresh embedded Redis."""
+    """``cxr-triage serve`` on a free 127.0.0.1 port, embedded defaults, a fresh embedded Redis
+    (benchmarks' running_server: the same start, readiness wait and shutdown as the benchmarks)."""
     ensure_engine(repo)
-    port, data_dir = free_port(), Path(tempfile.mkdtemp(prefix="cxr-loadtest-data-"))
-    env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_DATA_DIR": str(data_dir)}
-    env.pop("CXR_REDIS_URL", None)
-    exe = Path(sys.executable).parent / "cxr-triage"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        server = Server(f"http://127.0.0.1:{port}", proc.pid, data_dir)
-        try:
-            wait_ready(proc, server.url, timeout, log)
-            yield server
-        finally:
-            redis = server.redis_pids()
-            stop(proc)
-            for pid in redis:  # the service stops it on SIGTERM; after a SIGKILL it would linger
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:
-    print(f"starting cxr-triage serve on {url} …", flush=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            tail = log.read().decode(errors="replace")[-3000:]
-            raise CheckerError(f"the server exited with {proc.returncode}:\n{tail}")
-        with suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise CheckerError(f"the server was not ready after {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    with suppress(ProcessLookupError):  # workers share the session: none may outlive the checker
-        os.killpg(proc.pid, signal.SIGKILL)
+    print("starting cxr-triage serve on 127.0.0.1 …", flush=True)
+    try:
+        with running_server(timeout, repo) as (url, pgid, data_dir):
+            yield Server(url, pgid, data_dir)
+    except (RuntimeError, TimeoutError) as exc:  # the server exited or never became ready
+        raise CheckerError(str(exc)) from exc
 
 
 def warm_up(url: str, kinds: Sequence[str], headers: dict[str, str]) -> dict[str, Any]:
