@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class ServerProcess:
+    """A started ``cxr-triage serve`` (its own session: its whole process group can be signalled)."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def wait_ready(self, timeout: float = 90.0) -> "ServerProcess":
+        _wait_ready(self.proc, self.url, timeout, self.log_path)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    repo: Path,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    log_path: Path | None = None,
+    wrapper: tuple[str, ...] = (),
+    address: str = "127.0.0.1",
+) -> ServerProcess:
+    """Start the real server as a process (not waiting for it). ``wrapper`` runs it through
+    another command (``ip netns exec NS``); ``address`` is where the test reaches it."""
+    port = port or free_port()
+    full_env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_PORT": str(port), **(env or {})}
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="cxr-server-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [*wrapper, sys.executable, "-m", "cxr_triage", "serve"],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return ServerProcess(proc, f"http://{address}:{port}", log_path)
+
+
 @contextmanager
 def running_server(
     repo: Path,
@@ -98,30 +142,13 @@ def running_server(
     log_path: Path | None = None,
 ) -> Iterator[str]:
     """The real server as a process on a free 127.0.0.1 port; yields its base URL once /ready is 200."""
-    port = port or free_port()
-    full_env = {**os.environ, "CXR_MODEL_REPO": str(repo), "CXR_PORT": str(port), **(env or {})}
-    keep = log_path is not None
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="cxr-server-", suffix=".log")
-        os.close(fd)
-        log_path = Path(name)
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr_triage", "serve"],
-        env=full_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = start_server(repo, env, port, log_path)
     try:
-        _wait_ready(proc, url, timeout, log_path)
-        yield url
+        yield server.wait_ready(timeout).url
     finally:
-        stop(proc)
-        log.close()
-        if not keep:
-            log_path.unlink(missing_ok=True)
+        stop(server.proc)
+        if log_path is None:
+            server.log_path.unlink(missing_ok=True)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:

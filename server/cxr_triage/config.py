@@ -5,6 +5,7 @@ environment. Defaults are the embedded development set-up: loopback only, CPU en
 """
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="embedded Redis data (append-only file)")
     lease_s: float = Field(30.0, gt=0, description="a leased job not acknowledged in time is re-delivered")
     max_attempts: int = Field(3, ge=1, description="deliveries before a job that keeps failing is failed")
+    replica_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$",
+        description="this replica's name in results, job records and metrics (one per replica, so a "
+        "bounded label); default: host name:port (in Kubernetes: the pod name)",
+    )
+    drain_grace_s: float = Field(
+        40.0,
+        ge=0,
+        description="after SIGTERM: longest drain (stop leasing, finish or release held jobs, answer "
+        "requests in flight) before the replica exits; keep below the orchestrator's grace period",
+    )
     max_queue: int = Field(512, ge=0, description="queued jobs above which synchronous requests get 429")
     max_wait_s: dict[str, float] = Field(
         default_factory=lambda: {"stat": 0.0, "urgent": 15.0, "routine": 60.0, "backfill": 600.0},
@@ -93,6 +106,10 @@ class Settings(BaseSettings):
         if [v[k] for k in order] != sorted(v[k] for k in order):
             raise ValueError("CXR_MAX_WAIT_S must not decrease from stat to backfill")
         return v
+
+    @property
+    def replica(self) -> str:
+        return self.replica_id or f"{socket.gethostname()[:56]}:{self.port}"
 
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or max(1, os.cpu_count() or 1)

@@ -46,6 +46,7 @@ class PredictResponse(BaseModel):
     warnings: list[str]
     timing_ms: dict[str, float] = Field(..., description="queue, preprocess, inference (milliseconds)")
     batch_size: int = Field(..., ge=1, description="how many requests shared the engine call")
+    replica: str | None = Field(None, description="the replica (server instance) that scored the job")
 
 
 class VersionOut(BaseModel):

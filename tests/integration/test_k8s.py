@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from cxr_triage.observability import metrics
+from cxr_triage.serving.lifecycle import SHUTDOWN_MARGIN_S
 from tests.helpers import ROOT, require_binary
 
 K8S = ROOT / "deploy" / "k8s"
@@ -138,10 +139,19 @@ def test_grace_period_covers_prestop_and_drain(overlay: tuple[str, list[Doc]]) -
     assert command[0] == "sleep"
     pre_stop = float(command[1])
     env = config(docs)
-    drain = max(float(env["CXR_LEASE_S"]), float(env["CXR_REQUEST_TIMEOUT_S"]))
+    drain = float(env["CXR_DRAIN_GRACE_S"])
     grace = one(docs, "Deployment", "cxr-triage")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert pre_stop >= 5, "endpoints need a few seconds to leave the Service before SIGTERM"
+    # the drain ends itself SHUTDOWN_MARGIN_S before its grace; LitServe's stop needs that margin
     assert grace >= pre_stop + drain, f"grace {grace} < preStop {pre_stop} + drain {drain}"
+    # a drain waits for requests in flight, which may take the request timeout
+    assert drain - SHUTDOWN_MARGIN_S >= float(env["CXR_REQUEST_TIMEOUT_S"])
+
+
+def test_each_pod_names_itself(overlay: tuple[str, list[Doc]]) -> None:
+    _, docs = overlay
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["CXR_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_cpu_overlay_requests_match_the_engine_threads(variants: dict[str, list[Doc]]) -> None:
@@ -174,7 +184,7 @@ def test_redis_persists_with_aof_on_a_volume(overlay: tuple[str, list[Doc]]) -> 
     redis = one(docs, "StatefulSet", "cxr-redis")
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     pairs = dict(zip(args[1::2], args[2::2], strict=False))
-    assert pairs["--appendonly"] == "yes" and pairs["--appendfsync"] == "everysec"
+    assert pairs["--appendonly"] == "yes" and pairs["--appendfsync"] == "always"
     assert pairs["--maxmemory-policy"] == "noeviction"
     claims = {t["metadata"]["name"] for t in redis["spec"]["volumeClaimTemplates"]}
     mounts = redis["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]

@@ -109,6 +109,21 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, q: JobQueue) -> N
     assert set(q.statuses(sorted(ids))) == {"done"} and q.ready() == 0
 
 
+def test_a_draining_replica_puts_its_leases_back_and_its_late_results_are_stale(q: JobQueue) -> None:
+    ids = [q.submit(job()).job_id for _ in range(3)]
+    mine = q.lease(2, "replica-1/11", lease_s=600)
+    other = q.lease(1, "replica-10/7", lease_s=600)  # a prefix of a name is not the replica
+    assert q.held_by("replica-1/") == 2 and q.held_by("replica-10/") == 1
+    assert q.release("replica-1/") == 2
+    assert q.held_by("replica-1/") == 0 and q.ready() == 2 and q.held_by("replica-10/") == 1
+    again = q.lease(2, "replica-2/5", lease_s=600)
+    assert {j.job_id for j in again} == {j.job_id for j in mine}
+    assert not q.complete(mine[0], result([0.9, 0.1, 0.1]), False, 1.0, "late")  # the released lease
+    assert q.complete(again[0], result([0.9, 0.1, 0.1]), False, 1.0, "ok")
+    assert q.complete(other[0], result([0.1, 0.1, 0.1]), False, 0.0, "ok")
+    assert sorted(q.statuses(ids)) == ["done", "done", "running"]
+
+
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))

@@ -8,6 +8,9 @@ prometheus-client's multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (
 it via ``Settings.prepare_process_environment`` before this module is imported).
 """
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -18,6 +21,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.values import ValueClass
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
@@ -94,14 +98,45 @@ MODEL_RELOADS = Counter(
 )
 
 
+DRAINING = Gauge(
+    "cxr_triage_draining",
+    "1 while this replica drains after SIGTERM (/ready answers 503, no new jobs leased)",
+    multiprocess_mode="max",
+)
+JOBS_SCORED = Counter(
+    "cxr_triage_jobs_scored_total",
+    "Jobs whose outcome this replica stored, by model and outcome (done | failed)",
+    ["model", "outcome"],
+)
+
+
+class _WithReplica:
+    """Every sample of ``source`` with a ``replica`` label: which replica answered the scrape.
+
+    Bounded: one value per replica. Prometheus also adds its target labels (pod, instance);
+    this one is what the service calls itself in results and job records as well.
+    """
+
+    def __init__(self, source: CollectorRegistry, replica: str) -> None:
+        self.source, self.replica = source, replica
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, "replica": self.replica}) for s in family.samples]
+            yield out
+
+
 def is_multiprocess() -> bool:
     return bool(getattr(ValueClass, "__name__", "") == "MmapedValue")
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for ``/metrics`` gathered from every process of the service."""
+def render(replica: str | None = None) -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` gathered from every process of the service,
+    each sample labelled with ``replica`` when given."""
+    registry = REGISTRY
     if is_multiprocess():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    source: Any = registry if replica is None else _WithReplica(registry, replica)
+    return generate_latest(source), CONTENT_TYPE_LATEST

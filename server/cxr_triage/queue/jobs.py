@@ -79,6 +79,7 @@ class JobQueue:
         self._lease = client.register_script(scripts.LEASE)
         self._complete = client.register_script(scripts.COMPLETE)
         self._reap = client.register_script(scripts.REAP)
+        self._release = client.register_script(scripts.RELEASE)
 
     def submit(
         self, job: NewJob, now: float | None = None, trace: Mapping[str, str] | None = None
@@ -129,6 +130,21 @@ class JobQueue:
         )
         requeued, failed = self._reap(args=[now, max_attempts, outcome, place, reason])
         return int(requeued), int(failed)
+
+    def held_by(self, worker_prefix: str) -> int:
+        """Jobs leased now by workers whose name starts with ``worker_prefix`` (one replica)."""
+        ids = self.r.zrange(LEASES, 0, -1)
+        if not ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(b"cxr:job:" + job_id, "worker")
+        prefix = worker_prefix.encode()
+        return sum(1 for w in pipe.execute() if w is not None and w.startswith(prefix))
+
+    def release(self, worker_prefix: str) -> int:
+        """Put the leases of workers named ``worker_prefix``… back on the queue (a drain)."""
+        return int(self._release(args=[worker_prefix, time.time()]))
 
     def headers(self, job_ids: Sequence[str]) -> list[bytes | None]:
         """Stored DICOM source headers (None for non-DICOM jobs)."""

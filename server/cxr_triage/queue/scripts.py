@@ -141,3 +141,26 @@ if requeued > 0 then redis.call('HINCRBY', 'cxr:stats', 'redelivered', requeued)
 return {requeued, failed}
 """
 )
+
+# ARGV: worker prefix ("replica/"), now. A draining replica's leases go back to the queue at
+# their original deadline, for another replica to score now instead of after the lease expires.
+# The attempt counter keeps its value, so a late COMPLETE from the releasing worker is stale.
+# Returns the number released.
+RELEASE = """
+local prefix = ARGV[1]
+local released = 0
+for _, id in ipairs(redis.call('ZRANGE', 'cxr:leases', 0, -1)) do
+  local jk = 'cxr:job:' .. id
+  local worker = redis.call('HGET', jk, 'worker') or ''
+  if string.sub(worker, 1, #prefix) == prefix then
+    redis.call('ZREM', 'cxr:leases', id)
+    if redis.call('HGET', jk, 'status') == 'running' then
+      redis.call('HSET', jk, 'status', 'queued')
+      redis.call('ZADD', 'cxr:queue', redis.call('HGET', jk, 'deadline'), id)
+      released = released + 1
+    end
+  end
+end
+if released > 0 then redis.call('HINCRBY', 'cxr:stats', 'released', released) end
+return released
+"""

@@ -9,10 +9,11 @@ import json
 import logging
 import math
 import os
-import socket
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from multiprocessing.synchronize import Event
 from typing import Annotated, Any
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation at
@@ -30,6 +31,7 @@ from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
 from cxr_triage.repository import BatchingSpec, ModelRepository
 from cxr_triage.schemas import PredictResponse
 from cxr_triage.serving.intake import Ticket, read_upload
+from cxr_triage.serving.lifecycle import die_with_parent, worker_name
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
@@ -48,10 +50,12 @@ class TriageAPI(ls.LitAPI):
         served: Mapping[str, str],
         batching: BatchingSpec,
         fallback: ModelRepository | None = None,
+        drain: Event | None = None,
     ) -> None:
         """``served``: model name -> the version the HTTP process validated at start-up; with
         ``fallback`` (the repository it validated) what a worker falls back to when serving.json
-        names a version that does not load (see ServedVersions)."""
+        names a version that does not load (see ServedVersions). ``drain``: set when the
+        replica drains; the worker then leases no new job (see serving.lifecycle)."""
         super().__init__(
             max_batch_size=batching.max_batch_size,
             batch_timeout=batching.batch_timeout_ms / 1000.0,
@@ -61,6 +65,7 @@ class TriageAPI(ls.LitAPI):
         self.settings = settings
         self.served = dict(served)
         self.fallback = fallback
+        self.drain = drain
         self.versions: ServedVersions | None = None
         self._first_ready: float | None = None
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
@@ -78,13 +83,17 @@ class TriageAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         configure_logging(self.settings.log_level)  # a spawned worker starts with no logging set up
+        # The replica's main process decides when this worker stops (a drain ends with LitServe's
+        # stop message), and if the main process is killed, so is this worker: no orphan scores.
+        die_with_parent(signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         tracing.setup_tracing(self.settings, "inference-worker")
         self.versions = ServedVersions(self.settings, self.served, self.fallback)
         self.versions.start()
         if not self.settings.redis_url:
             raise NotReady("no Redis URL: build_service sets it before workers start")
         self.queue = JobQueue(RedisHandle(self.settings.redis_url).client(), self.settings.max_wait_s)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_name(self.settings.replica, os.getpid())
 
     def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
         return request
@@ -102,7 +111,7 @@ class TriageAPI(ls.LitAPI):
 
     def batch_wait(self) -> float | None:
         """None: nothing queued. 0: lease a batch now. >0: seconds left in the batch window."""
-        ready = self.queue.ready()
+        ready = 0 if self.drain is not None and self.drain.is_set() else self.queue.ready()
         if ready == 0:
             self._first_ready = None
             return None
@@ -148,7 +157,10 @@ class TriageAPI(ls.LitAPI):
         heatmap = self._heatmaps.pop(job.job_id, None)
         if heatmap is not None and not failed:  # stored before COMPLETE hands the study on
             self.queue.store_heatmap(job.job_id, *heatmap)
-        return body if self.queue.complete(job, body, failed, place, reason) else None
+        if not self.queue.complete(job, body, failed, place, reason):
+            return None
+        metrics.JOBS_SCORED.labels(job.model, "failed" if failed else "done").inc()
+        return body
 
     def finished(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
         """Outcomes of jobs (scored by any worker) that are done or failed."""
@@ -261,4 +273,5 @@ class TriageAPI(ls.LitAPI):
                 "inference": round(infer_s * 1000.0, 3),
             },
             "batch_size": batch,
+            "replica": self.settings.replica,
         }

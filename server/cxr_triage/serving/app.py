@@ -1,18 +1,23 @@
 """Assemble the service: repository check, LitServe server, routes, error handling."""
 
+import _thread
 import asyncio
 import contextlib
 import functools
 import logging
+import multiprocessing.util
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 import litserve as ls
 from fastapi import FastAPI
+from litserve.loops.base import _SENTINEL_VALUE
 from litserve.utils import WorkerSetupStatus
 
 from cxr_triage.config import Settings
@@ -27,6 +32,7 @@ from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
+from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, new_drain_event
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
 from cxr_triage.serving.study_routes import build_study_router
 from cxr_triage.web import install_web
@@ -39,12 +45,16 @@ class Service:
     server: ls.LitServer
     intake: Intake
     redis: RedisHandle  # holds the embedded Redis (if any) for the life of the service
+    drain: Event  # set on SIGTERM, seen by every process of the replica
 
     def run(self) -> None:
-        """Serve until SIGTERM or Ctrl-C, then shut LitServe down and stop the embedded Redis."""
+        """Serve until SIGTERM (a drain: serving.lifecycle) or Ctrl-C (LitServe stops at once),
+        then shut LitServe down and stop the embedded Redis."""
         s = self.intake.settings
-        # LitServe shuts down gracefully on KeyboardInterrupt; forked children keep the default.
-        signal.signal(signal.SIGTERM, functools.partial(_interrupt, os.getpid()))
+        signal.signal(signal.SIGTERM, functools.partial(self._on_sigterm, os.getpid()))
+        # Every process LitServe forks (HTTP servers, its multiprocessing manager) dies with this
+        # one: a replica killed with SIGKILL leaves nothing serving its port.
+        multiprocessing.util.register_after_fork(self, _die_with_parent_after_fork)
         publisher = self._start_publisher()
         try:
             # No uvicorn access log: its request paths carry study UIDs.
@@ -70,12 +80,43 @@ class Service:
         log.info("PACS worker started (store SR: %s, poll: %s s)", s.pacs_store_sr, s.pacs_poll_s or "off")
         return process
 
+    def _on_sigterm(self, main_pid: int, signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked child before it set its own handler: default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.drain.is_set():
+            log.warning("SIGTERM again: already draining")
+            return
+        s = self.intake.settings
+        log.warning("SIGTERM: draining replica %s (at most %.0f s)", s.replica, s.drain_grace_s)
+        self.drain.set()
+        threading.Thread(
+            target=drain_then_stop,
+            args=(self.intake.queue, s.replica, self._in_flight, s.drain_grace_s, self._stop),
+            name="drain",
+            daemon=True,
+        ).start()
 
-def _interrupt(main_pid: int, signum: int, frame: object) -> None:
-    if os.getpid() == main_pid:
-        raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    def _in_flight(self) -> int | None:
+        return self.server.active_requests  # type: ignore[no-any-return]
+
+    def _stop(self) -> None:
+        """End the inference workers' loops (LitServe's stop message, which its own shutdown
+        does not send to them), then LitServe's graceful stop."""
+        queues = getattr(self.server, "litapi_request_queues", {})
+        for queue in queues.values():
+            for _ in range(self.intake.settings.inference_workers):
+                queue.put(_SENTINEL_VALUE)
+        event = getattr(self.server, "_shutdown_event", None)
+        if event is not None:
+            event.set()
+        else:  # another LitServe: its KeyboardInterrupt path
+            _thread.interrupt_main()
+
+
+def _die_with_parent_after_fork(_: object) -> None:
+    die_with_parent(signal.SIGKILL)
 
 
 def served_models(settings: Settings, repo: ModelRepository) -> list[str]:
@@ -110,7 +151,8 @@ def build_service(settings: Settings) -> Service:
         if version is not None and warning:
             log.warning("%s version %s: %s", name, version.version, warning.upper())
     pinned = {name: version.version for name in served if (version := repo.models[name].served) is not None}
-    api = TriageAPI(settings, pinned, repo.get(None).config.batching, fallback=repo)
+    drain = new_drain_event()
+    api = TriageAPI(settings, pinned, repo.get(None).config.batching, fallback=repo, drain=drain)
     server = ls.LitServer(
         api,
         accelerator="cpu",
@@ -121,6 +163,7 @@ def build_service(settings: Settings) -> Service:
         # A dead inference worker is restarted (jobs it held are re-delivered from Redis)
         # instead of LitServe shutting the whole service down.
         restart_workers=True,
+        track_requests=True,  # requests in flight: what a drain waits for
     )
     client = handle.client()
     intake = Intake(settings, repo, served, JobQueue(client, settings.max_wait_s))
@@ -128,7 +171,7 @@ def build_service(settings: Settings) -> Service:
     app = server.app
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
-    app.include_router(build_router(intake, studies, lambda: _workers_problem(server)))
+    app.include_router(build_router(intake, studies, lambda: _workers_problem(server), drain.is_set))
     app.include_router(build_study_router(intake, studies))
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)
@@ -138,7 +181,7 @@ def build_service(settings: Settings) -> Service:
         app.add_middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys])
     install_web(app, intake, studies)  # last: the page shell answers before the API key is asked
     document_predict(app)
-    return Service(server=server, intake=intake, redis=handle)
+    return Service(server=server, intake=intake, redis=handle, drain=drain)
 
 
 def _follow_serving(app: FastAPI, intake: Intake) -> None:

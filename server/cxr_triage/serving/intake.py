@@ -6,8 +6,6 @@ and a bad image is refused here with its own error before it ever reaches a batc
 """
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -33,15 +31,10 @@ from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import DICOM_UID_PATTERN, Priority
+from cxr_triage.serving.lifecycle import die_with_parent
 from cxr_triage.serving.reload import ServingWatch, default_version, read_serving
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """Decoding processes end with the HTTP process, however it ends (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -127,7 +120,8 @@ class Intake:
             self._pool = ProcessPoolExecutor(
                 self.settings.resolved_decode_workers(),
                 mp_context=get_context("spawn"),
-                initializer=_die_with_parent,
+                initializer=die_with_parent,
+                initargs=(signal.SIGTERM,),  # decoding processes end with the HTTP process
             )
             self._pool_pid = os.getpid()
         return self._pool

@@ -22,7 +22,10 @@ from cxr_triage.serving.reload import Role, traffic_split
 ReadyCheck = Callable[[], str | None]
 
 
-def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyCheck) -> APIRouter:
+def build_router(
+    intake: Intake, studies: StudyStore, workers_problem: ReadyCheck, draining: Callable[[], bool]
+) -> APIRouter:
+    """``draining``: True once SIGTERM started this replica's drain (see serving.lifecycle)."""
     router = APIRouter()
 
     @router.get("/health", summary="200 while the process lives")
@@ -35,6 +38,8 @@ def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyChec
         responses={503: {"model": ErrorResponse}},
     )
     async def ready() -> dict[str, object]:
+        if draining():
+            raise NotReady("draining: this replica is shutting down; other replicas take its work")
         problem = workers_problem() or _queue_problem(intake)
         if problem:
             raise NotReady(problem)
@@ -49,6 +54,7 @@ def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyChec
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
+        metrics.DRAINING.set(1 if draining() else 0)
         with suppress(redis.RedisError):
             for priority, n in intake.queue.depth_by_priority().items():
                 metrics.QUEUE_DEPTH.labels(priority).set(n)
@@ -56,7 +62,7 @@ def build_router(intake: Intake, studies: StudyStore, workers_problem: ReadyChec
             metrics.WORKLIST_SIZE.set(size)
             metrics.OLDEST_ABNORMAL.set(oldest)
             _clinical(studies, intake.settings.clinical_window)
-        body, content_type = metrics.render()
+        body, content_type = metrics.render(intake.settings.replica)
         return Response(body, media_type=content_type)
 
     return router

@@ -1,0 +1,85 @@
+"""A replica's life among others on one Redis: its identity, its processes, its drain.
+
+A replica is one ``cxr-triage serve``: a main process, LitServe's HTTP processes (forked) and
+inference workers (spawned), and the decoding pools of the HTTP processes. Every process of a
+replica dies with its parent (PR_SET_PDEATHSIG), so a replica killed with SIGKILL leaves no
+orphan serving its port or scoring jobs; the jobs it held are re-delivered from Redis once
+their lease expires.
+
+SIGTERM drains instead (``Service.run`` starts ``drain_then_stop``):
+
+1. the drain event is set in every process: ``/ready`` answers 503, the inference workers
+   lease no new job (they finish the batch in hand and keep answering their HTTP requests,
+   whichever replica scores those jobs);
+2. the replica keeps accepting requests (a load balancer needs a few seconds to see the 503):
+   what it accepts is in Redis, and other replicas score it;
+3. once no job is leased by this replica and no HTTP request is in flight, or when the grace
+   period (``CXR_DRAIN_GRACE_S``) is spent, the jobs it still holds are put back on the queue
+   and LitServe shuts down.
+"""
+
+import contextlib
+import ctypes
+import logging
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing import get_context
+from multiprocessing.synchronize import Event
+
+from cxr_triage.queue import JobQueue
+
+log = logging.getLogger(__name__)
+DRAIN_POLL_S = 0.2
+SHUTDOWN_MARGIN_S = 5.0  # left of the grace period for LitServe's own shutdown
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """This process gets ``sig`` when its parent ends, however it ends (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+
+
+def new_drain_event() -> Event:
+    """Shared by every process of the replica: spawn context, so spawned workers can open it."""
+    return get_context("spawn").Event()
+
+
+def worker_name(replica: str, pid: int) -> str:
+    """What a job's ``worker`` field holds: the replica, then the process."""
+    return f"{replica}/{pid}"
+
+
+def drain_then_stop(
+    queue: JobQueue,
+    replica: str,
+    active_requests: Callable[[], int | None],
+    grace_s: float,
+    stop: Callable[[], None],
+) -> None:
+    """Wait until the replica holds nothing (or the grace period is spent), release, then ``stop``."""
+    started = time.monotonic()
+    deadline = started + max(0.0, grace_s - SHUTDOWN_MARGIN_S)
+    prefix = worker_name(replica, 0)[:-1]  # "replica/"
+    held = in_flight = 0
+    while time.monotonic() < deadline:
+        try:
+            held = queue.held_by(prefix)
+        except Exception:  # Redis away: nothing to wait for that could finish; stop at the deadline
+            log.warning("drain: Redis unreachable; waiting for it until the grace period ends")
+            held = -1
+        in_flight = active_requests() or 0
+        if held == 0 and in_flight == 0:
+            break
+        time.sleep(DRAIN_POLL_S)
+    released = 0
+    with contextlib.suppress(Exception):
+        released = queue.release(prefix)
+    log.warning(
+        "drained in %.1f s (jobs still leased: %d, put back on the queue: %d; requests in flight: %d)",
+        time.monotonic() - started,
+        max(held, 0),
+        released,
+        in_flight,
+    )
+    stop()
