@@ -42,12 +42,12 @@ serve: engine
 services:
 	@command -v redis-server >/dev/null && command -v Orthanc >/dev/null \
 	  && command -v prometheus >/dev/null && command -v docker-compose >/dev/null \
-	  && command -v chromium >/dev/null \
+	  && command -v chromium >/dev/null && command -v ip >/dev/null \
 	  && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends \
 	    redis-server orthanc orthanc-dicomweb orthanc-gdcm prometheus docker-compose \
-	    chromium fonts-dejavu-core; }
+	    chromium fonts-dejavu-core iproute2; }
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check server tests benchmarks loadtests scripts
