@@ -5,12 +5,14 @@ BIN    := $(VENV)/bin
 DEFAULT_MODEL ?= densenet121-nih14
 ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
 
-.PHONY: serve test lint typecheck services bench engine clean help demo-train
+.PHONY: serve test lint typecheck services bench bench-capacity bench-peers engine clean help demo-train
 
 help:
 	@echo "make serve   start the service on 127.0.0.1:8000 (embedded defaults, CPU engine)"
 	@echo "make test    install everything needed and run lint, types and the whole test suite"
 	@echo "make bench   engine / decode / served-vs-engine / priority-wait benchmarks -> benchmarks/results/"
+	@echo "make bench-capacity  studies/s per replica, replicas on one Redis, capacity note -> benchmarks/results/"
+	@echo "make bench-peers  cxr-triage vs naive FastAPI / LitServe / Ray Serve / BentoML -> benchmarks/results/peers-*"
 	@echo "make demo-train  synthetic phantoms -> train DenseNet-121 (CPU minutes) -> evaluate -> register -> promote"
 	@echo "make demo-scale  the same with 2 DDP processes, MLflow, and an int8 engine through the gate"
 
@@ -62,6 +64,16 @@ test: $(VENV)/.dev services lint typecheck
 bench: engine $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_priority.py
+
+# Studies/s per replica, 1 and 2 replicas on one Redis, with a capacity note for SREs.
+bench-capacity: engine $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_capacity.py
+
+# Peers side by side (issue 13): naive FastAPI (ORT 1 and 2 threads), plain LitServe, Ray Serve,
+# BentoML and cxr-triage; same model.onnx, same machine, the client in its own process. Ray Serve
+# and BentoML go into .venv-peers (built by the script). Refuses to time a busy machine. ~30 min.
+bench-peers: engine $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -434,14 +434,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(timeout: float = 180.0, repo: Path | None = None) -> Iterator[tuple[str, int, Path]]:
+def running_server(
+    timeout: float = 180.0, repo: Path | None = None, settings: dict[str, str] | None = None
+) -> Iterator[tuple[str, int, Path]]:
     """The real server as a subprocess on a free port, with a fresh embedded Redis (not ./data);
-    yields (base URL, process group id, the Redis data folder). ``repo``: default model_repo/.
+    yields (base URL, process group id, the Redis data folder). ``repo``: default model_repo/;
+    ``settings``: CXR_* variables for this server (``CXR_REDIS_URL``: a shared Redis instead).
     Also used by loadtests/slo.py, so every measurement starts the server the same way."""
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="cxr-bench-data-"))
     env = {**os.environ, "CXR_MODEL_REPO": str(repo or ROOT / "model_repo"), "CXR_DATA_DIR": str(data_dir)}
     env.pop("CXR_REDIS_URL", None)
+    env.update(settings or {})
     exe = Path(sys.executable).parent / "cxr-triage"
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(

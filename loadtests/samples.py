@@ -74,15 +74,15 @@ def sample(kind: str) -> tuple[bytes, str]:
 
 
 @cache
-def _chest_dataset() -> pydicom.Dataset:
-    return pydicom.dcmread(testdata_path(CHEST_CR))
+def _dataset(name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(testdata_path(name))
 
 
-def new_instance() -> tuple[bytes, str]:
-    """RG1 re-stamped as a new study (new Study, Series and SOP Instance UIDs): the service
-    scores each instance UID once, so a load test must not resend the same one.
-    Returns (DICOM Part 10 bytes, the new StudyInstanceUID)."""
-    ds = _chest_dataset()  # shared template; no I/O between stamping and writing, so no greenlet switch
+def new_instance(name: str = CHEST_CR) -> tuple[bytes, str]:
+    """A pydicom-data file (default RG1, uncompressed) re-stamped as a new study (new Study,
+    Series and SOP Instance UIDs): the service scores each instance UID once, so a load test
+    must not resend the same one. Returns (DICOM Part 10 bytes, the new StudyInstanceUID)."""
+    ds = _dataset(name)  # shared template; no I/O between stamping and writing, so no greenlet switch
     study = generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -124,6 +124,22 @@ def test_a_draining_replica_puts_its_leases_back_and_its_late_results_are_stale(
     assert sorted(q.statuses(ids)) == ["done", "done", "running"]
 
 
+def test_idle_workers_share_a_light_load(q: JobQueue) -> None:
+    for _ in range(6):
+        q.submit(job())
+    assert q.poll("r2/1", now=time.time() - 5) == 6  # polled long ago and saw work: not idle
+    assert q.poll("r3/1") == 6
+    q.r.delete("cxr:queue")  # r3 sees an empty queue: it is idle now
+    assert q.poll("r3/1") == 0
+    for _ in range(6):
+        q.submit(job())
+    first = q.lease(8, "r1/1", lease_s=30)
+    assert len(first) == 3  # half for r1, half left for idle r3
+    assert len(q.lease(8, "r3/1", lease_s=30)) == 3
+    alone = q.submit(job()).job_id
+    assert [j.job_id for j in q.lease(8, "r1/1", lease_s=30)] == [alone]  # nobody idle: all of it
+
+
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))

@@ -26,7 +26,8 @@ from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import payload, scripts
 from cxr_triage.schemas import PRIORITIES, Priority
 
-QUEUE, LEASES, STATS = b"cxr:queue", b"cxr:leases", b"cxr:stats"
+QUEUE, LEASES, STATS, IDLE = b"cxr:queue", b"cxr:leases", b"cxr:stats", b"cxr:idle"
+IDLE_WINDOW_S = 1.0  # a worker that polled an empty queue this recently counts as idle
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class JobQueue:
     def lease(self, n: int, worker: str, lease_s: float, now: float | None = None) -> list[LeasedJob]:
         """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds."""
         now = time.time() if now is None else now
-        rows = self._lease(args=[n, now, lease_s, worker])
+        rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S])
         out = []
         for job_id, token, blob, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -169,6 +170,16 @@ class JobQueue:
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))
+
+    def poll(self, worker: str, now: float | None = None) -> int:
+        """Jobs ready; when none, ``worker`` is marked idle (it then gets a share of the next ones)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(QUEUE)
+        pipe.zadd(IDLE, {worker: time.time() if now is None else now})
+        ready = int(pipe.execute()[0])
+        if ready:  # not idle after all: a worker with work in sight does not take a share
+            self.r.zrem(IDLE, worker)
+        return ready
 
     def depth_by_priority(self) -> dict[str, int]:
         ids = self.r.zrange(QUEUE, 0, -1)

@@ -74,10 +74,18 @@ end
 return {1, id}
 """
 
-# ARGV: n, now, lease_s, worker. Returns {job_id, token, payload, {hash...}} per leased job,
-# earliest deadline first.
+# ARGV: n, now, lease_s, worker, idle window (s). Returns {job_id, token, payload, {hash...}} per
+# leased job, earliest deadline first. Workers that polled an empty queue within the idle window
+# (cxr:idle, any replica) share what is ready: a worker takes at most ceil(ready / (idle + 1)),
+# so that a light load is spread over idle workers instead of waiting in one worker's batch.
 LEASE = """
-local ids = redis.call('ZRANGE', 'cxr:queue', 0, tonumber(ARGV[1]) - 1)
+local now, window = tonumber(ARGV[2]), tonumber(ARGV[5])
+redis.call('ZREM', 'cxr:idle', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', 'cxr:idle', '-inf', now - window)
+local idle = redis.call('ZCARD', 'cxr:idle')
+local n = math.min(tonumber(ARGV[1]), math.ceil(redis.call('ZCARD', 'cxr:queue') / (idle + 1)))
+local ids = {}
+if n > 0 then ids = redis.call('ZRANGE', 'cxr:queue', 0, n - 1) end
 local out = {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', 'cxr:queue', id)

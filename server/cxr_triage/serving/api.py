@@ -111,7 +111,7 @@ class TriageAPI(ls.LitAPI):
 
     def batch_wait(self) -> float | None:
         """None: nothing queued. 0: lease a batch now. >0: seconds left in the batch window."""
-        ready = 0 if self.drain is not None and self.drain.is_set() else self.queue.ready()
+        ready = 0 if self.drain is not None and self.drain.is_set() else self.queue.poll(self.worker)
         if ready == 0:
             self._first_ready = None
             return None

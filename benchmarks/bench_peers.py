@@ -1,0 +1,1170 @@
+"""Peers benchmark: cxr-triage against the usual ways to serve the same model, same run, same machine.
+
+Run from the repository root (``make bench-peers``)::
+
+    .venv/bin/python benchmarks/bench_peers.py [--duration S] [--concurrency 1,4,16]
+        [--inputs png,jpeg,j2k] [--peers naive,litserve,ray,bentoml,cxr-triage]
+
+Each peer serves the same engine file (``model_repo/densenet121-nih14/<latest>/model.onnx``) on
+127.0.0.1 and builds the model input with ``cxr_triage.imaging`` (identical tensors; see
+benchmarks/peers/common.py): (a) the seed plan's naive FastAPI server, ONNX Runtime at 1 and 2
+intra-op threads; (b) plain LitServe, batch 8 / 10 ms; (c) Ray Serve and BentoML, from their own
+virtual environment ``.venv-peers`` (built here from benchmarks/peers/requirements.txt);
+(d) cxr-triage itself, started by ``bench_core.running_server``. A separate load-generator
+process (benchmarks/peers/loadgen.py) drives each cell (peer x input x concurrency); the bench
+records the CPU seconds of the server's process tree, of the client and of everything else, and
+refuses to time a busy machine. Writes ``benchmarks/results/peers-<machine>-<UTC date>.md``,
+``peers-latest.md``, ``peers-latest.json`` and ``peers-latest.png``.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_core import (  # noqa: E402
+    BUSY_LOAD_PER_CORE,
+    BUSY_OTHER_CORES,
+    ROOT,
+    CpuSnapshot,
+    Results,
+    Throughput,
+    bench_onnx,
+    console,
+    embedded_redis,
+    engine_inputs,
+    free_port,
+    git_commit,
+    machine_busy_seconds,
+    machine_section,
+    machine_tag,
+    new_progress,
+    other_cores,
+    require_engine,
+    running_server,
+    small_pngs,
+    stop_server,
+    table,
+    version_of,
+)
+from bench_core import Plan as CorePlan  # noqa: E402
+from cxr_triage.engines import OnnxEngine  # noqa: E402
+from cxr_triage.imaging import ImageLimits, prepare, to_batch  # noqa: E402
+from cxr_triage.repository import ModelConfig  # noqa: E402
+
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+PEERS_VENV = ROOT / ".venv-peers"
+REQUIREMENTS = PEERS_DIR / "requirements.txt"
+LOADGEN = PEERS_DIR / "loadgen.py"
+# Shared with .venv: pinned to .venv's versions in .venv-peers, so every peer has the same engine
+# and decoders as cxr-triage.
+SHARED_DISTS = (
+    "numpy",
+    "onnxruntime",
+    "onnx",
+    "pillow",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-rle",
+    "python-gdcm",
+)
+SMOKE_BELOW_S = 10.0  # a --duration below this is a smoke run: named and marked as such
+MAX_DELTA_P = 1e-3  # largest |probability difference| to the bare engine that counts as the same input
+
+
+# --------------------------------------------------------------------------- peers and inputs
+
+
+@dataclass(frozen=True)
+class Peer:
+    id: str
+    label: str
+    script: str | None  # file in benchmarks/peers/; None: cxr-triage itself
+    venv: str  # "main" (.venv) or "peers" (.venv-peers)
+    threads: int  # ONNX Runtime intra-op threads (0: its default, one per core)
+    how: str  # one line for the report
+    upload: str = "raw"  # "raw" body, or "multipart" (a form part named "file")
+    naive: bool = False
+
+
+PEERS: dict[str, Peer] = {
+    p.id: p
+    for p in (
+        Peer(
+            "naive-t1",
+            "naive FastAPI, ORT 1 thread",
+            "naive_fastapi.py",
+            "main",
+            1,
+            "FastAPI + uvicorn, 1 process; sync handler (thread pool): decode, engine at batch 1, reply",
+            naive=True,
+        ),
+        Peer(
+            "naive-t2",
+            "naive FastAPI, ORT 2 threads",
+            "naive_fastapi.py",
+            "main",
+            2,
+            "as naive-t1 with 2 intra-op threads",
+            naive=True,
+        ),
+        Peer(
+            "litserve",
+            "LitServe",
+            "litserve_plain.py",
+            "main",
+            0,
+            "LitServe defaults (1 CPU inference worker, default loop), max_batch_size 8, batch_timeout "
+            "0.01 s; decode_request decodes in the inference worker",
+        ),
+        Peer(
+            "ray",
+            "Ray Serve",
+            "ray_serve_app.py",
+            "peers",
+            0,
+            "local Ray (num_cpus = cores, no dashboard), 1 replica, max_ongoing_requests 16, "
+            "@serve.batch 8 / 0.01 s; the replica's handler decodes",
+        ),
+        Peer(
+            "bentoml",
+            "BentoML",
+            "bentoml_service.py",
+            "peers",
+            0,
+            "1 worker, sync API in BentoML's thread pool, engine at batch 1; image as its native "
+            "multipart file input",
+            upload="multipart",
+        ),
+        Peer(
+            "cxr-triage",
+            "cxr-triage",
+            None,
+            "main",
+            0,
+            "`cxr-triage serve` with its defaults (bench_core.running_server, fresh embedded Redis): "
+            "decode pool, priority queue, batching, durable jobs",
+        ),
+    )
+}
+ALIASES = {"naive": ["naive-t1", "naive-t2"]}
+DEFAULT_PEERS = "naive,litserve,ray,bentoml,cxr-triage"
+
+
+@dataclass(frozen=True)
+class InputKind:
+    id: str
+    label: str
+    content_type: str
+
+
+INPUTS: dict[str, InputKind] = {
+    i.id: i
+    for i in (
+        InputKind("png", "224 px PNG (8-bit)", "image/png"),
+        InputKind("jpeg", "full-resolution JPEG (1841x1955, 8-bit, q95)", "image/jpeg"),
+        InputKind("j2k", "J2K DICOM (RG1_J2KR chest CR, 1841x1955, JPEG 2000 lossless)", "application/dicom"),
+    )
+}
+
+
+def input_bodies(kind: str) -> list[bytes]:
+    """The request bodies of one input kind (benchmarks' and load tests' own samples)."""
+    if kind == "png":
+        return small_pngs()  # 8 distinct 224x224 8-bit PNGs of the pydicom-data chest CR
+    from loadtests.samples import sample
+
+    return [sample("dicom-j2k" if kind == "j2k" else "jpeg")[0]]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration: float
+    warmup: float
+    concurrency: tuple[int, ...]
+    inputs: tuple[str, ...]
+    peers: tuple[str, ...]
+    priority: bool
+    priority_input: str
+    priority_concurrency: int
+    stat_every: float
+    allow_busy: bool
+    quiet_timeout: float
+    results_dir: Path
+
+    @property
+    def smoke(self) -> bool:
+        return self.duration < SMOKE_BELOW_S
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def expand_peers(names: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for name in names:
+        for peer in ALIASES.get(name, [name]):
+            if peer not in PEERS:
+                raise ValueError(f"unknown peer {peer!r}; choose from {', '.join([*ALIASES, *PEERS])}")
+            if peer not in out:
+                out.append(peer)
+    return tuple(out)
+
+
+def parse_args(argv: list[str] | None = None) -> Plan:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds measured per cell (default 20)")
+    p.add_argument("--warmup", type=float, help="seconds of load before each cell's window (default 3)")
+    p.add_argument("--concurrency", default="1,4,16", help="concurrent clients per cell (default 1,4,16)")
+    p.add_argument("--inputs", default="png,jpeg,j2k", help=f"of {', '.join(INPUTS)} (default all)")
+    p.add_argument(
+        "--peers", default=DEFAULT_PEERS, help=f"default {DEFAULT_PEERS} (naive = naive-t1,naive-t2)"
+    )
+    p.add_argument("--no-priority", action="store_true", help="skip the priority-under-saturation cells")
+    p.add_argument("--priority-input", default="png", choices=list(INPUTS))
+    p.add_argument("--priority-concurrency", type=int, default=16, help="routine clients (default 16)")
+    p.add_argument("--stat-every", type=float, default=0.5, help="mean seconds between stat requests")
+    p.add_argument("--allow-busy", action="store_true", help="time a busy machine anyway (cells are flagged)")
+    p.add_argument("--quiet-timeout", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    a = p.parse_args(argv)
+    inputs = tuple(csv_list(a.inputs))
+    if unknown := [i for i in inputs if i not in INPUTS]:
+        p.error(f"unknown input {unknown}; choose from {', '.join(INPUTS)}")
+    try:
+        peers = expand_peers(csv_list(a.peers))
+        concurrency = tuple(int(c) for c in csv_list(a.concurrency))
+    except ValueError as exc:
+        p.error(str(exc))
+    if not concurrency or min(concurrency) < 1 or a.duration <= 0:
+        p.error("--concurrency needs positive integers and --duration a positive number")
+    return Plan(
+        duration=a.duration,
+        warmup=a.warmup if a.warmup is not None else (1.0 if a.duration < SMOKE_BELOW_S else 3.0),
+        concurrency=concurrency,
+        inputs=inputs,
+        peers=peers,
+        priority=not a.no_priority,
+        priority_input=a.priority_input,
+        priority_concurrency=a.priority_concurrency,
+        stat_every=a.stat_every,
+        allow_busy=a.allow_busy,
+        quiet_timeout=a.quiet_timeout,
+        results_dir=a.results_dir,
+    )
+
+
+# --------------------------------------------------------------------------- results
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+@dataclass
+class Cell:
+    """One measured window: a peer, an input, a concurrency (and, for priority cells, stat arrivals)."""
+
+    peer: str
+    input: str
+    concurrency: int
+    seconds: float
+    latencies_ms: dict[str, list[float]]  # request class ("routine", "stat") -> 200 latencies in the window
+    status: dict[str, dict[str, int]]  # class -> status -> count
+    server_cpu_s: float
+    client_cpu_s: float
+    other_cpu_s: float
+    wall_s: float  # between the CPU snapshots
+    priority: bool = False
+
+    def ok(self, kind: str = "routine") -> int:
+        return len(self.latencies_ms.get(kind, []))
+
+    def errors(self, kind: str = "routine") -> int:
+        return sum(n for s, n in self.status.get(kind, {}).items() if s != "200")
+
+    def throughput(self, kind: str = "routine") -> float:
+        return self.ok(kind) / self.seconds if self.seconds else float("nan")
+
+    def p(self, q: float, kind: str = "routine") -> float:
+        return percentile(self.latencies_ms.get(kind, []), q)
+
+    @property
+    def other_cores(self) -> float:
+        return self.other_cpu_s / self.wall_s if self.wall_s else float("nan")
+
+    @property
+    def busy(self) -> bool:
+        return self.other_cores > BUSY_OTHER_CORES
+
+    def summary(self) -> dict[str, Any]:
+        kinds = [k for k in ("routine", "stat") if k in self.latencies_ms]
+        return {
+            "peer": self.peer,
+            "input": self.input,
+            "concurrency": self.concurrency,
+            "priority": self.priority,
+            "seconds": self.seconds,
+            "busy": self.busy,
+            "cpu_s": {"server": self.server_cpu_s, "client": self.client_cpu_s, "other": self.other_cpu_s},
+            "classes": {
+                k: {
+                    "ok": self.ok(k),
+                    "errors": self.errors(k),
+                    "req_s": self.throughput(k),
+                    "p50_ms": self.p(50, k),
+                    "p95_ms": self.p(95, k),
+                    "p99_ms": self.p(99, k),
+                }
+                for k in kinds
+            },
+        }
+
+
+@dataclass
+class Run:
+    plan: Plan
+    started: datetime
+    load: float
+    cells: list[Cell] = field(default_factory=list)
+    bare: list[Throughput] = field(default_factory=list)
+    bare_other_cores: float = float("nan")
+    deltas: dict[str, float] = field(default_factory=dict)  # peer -> max |p - bare engine p| over inputs
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bare_img_s(self) -> float | None:
+        return max((t.img_s for t in self.bare), default=None)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Verdict:
+    name: str
+    target: str
+    measured: str
+    ok: bool | None  # None: not measured in this run
+    busy: bool = False  # a compared cell ran on a busy machine
+
+    @property
+    def word(self) -> str:
+        word = "not measured" if self.ok is None else ("PASS" if self.ok else "MISS")
+        return f"{word} (machine busy: not valid)" if self.busy and self.ok is not None else word
+
+
+def best_naive(cells: Sequence[Cell], input: str, concurrency: int) -> Cell | None:
+    """The naive configuration with the highest throughput in that cell."""
+    naive = [
+        c
+        for c in cells
+        if PEERS[c.peer].naive and (c.input, c.concurrency, c.priority) == (input, concurrency, False)
+    ]
+    return max(naive, key=lambda c: c.throughput(), default=None)
+
+
+def find(
+    cells: Sequence[Cell], peer: str, input: str, concurrency: int, priority: bool = False
+) -> Cell | None:
+    return next(
+        (
+            c
+            for c in cells
+            if (c.peer, c.input, c.concurrency, c.priority) == (peer, input, concurrency, priority)
+        ),
+        None,
+    )
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and b == b else float("nan")
+
+
+def throughput_verdict(cells: Sequence[Cell], input: str, concurrency: int, factor: float) -> Verdict:
+    name = f"{INPUTS[input].label.split(' (')[0]}, c{concurrency}: throughput vs best naive"
+    target = f"≥ {factor:g}x"
+    ours, naive = find(cells, "cxr-triage", input, concurrency), best_naive(cells, input, concurrency)
+    if ours is None or naive is None:
+        return Verdict(name, target, "—", None)
+    r = ratio(ours.throughput(), naive.throughput())
+    measured = f"{r:.2f}x ({ours.throughput():.1f} vs {naive.peer} {naive.throughput():.1f} req/s)"
+    return Verdict(name, target, measured, r >= factor, ours.busy or naive.busy)
+
+
+def targets(cells: Sequence[Cell], bare_img_s: float | None, priority_concurrency: int = 16) -> list[Verdict]:
+    out = [throughput_verdict(cells, "png", 16, 0.95)]
+    ours, naive = find(cells, "cxr-triage", "png", 16), best_naive(cells, "png", 16)
+    name = "224 px PNG, c16: p95 vs the best naive's"
+    if ours is None or naive is None:
+        out.append(Verdict(name, "no worse", "—", None))
+    else:
+        measured = f"{ours.p(95):.0f} vs {naive.peer} {naive.p(95):.0f} ms"
+        out.append(Verdict(name, "no worse", measured, ours.p(95) <= naive.p(95), ours.busy or naive.busy))
+    name = "224 px PNG, c16: served ÷ bare engine"
+    if ours is None or not bare_img_s:
+        out.append(Verdict(name, "≥ 0.9", "—", None))
+    else:
+        r = ours.throughput() / bare_img_s
+        measured = f"{r:.2f} ({ours.throughput():.1f} vs {bare_img_s:.1f} img/s)"
+        out.append(Verdict(name, "≥ 0.9", measured, r >= 0.9, ours.busy))
+    out += [throughput_verdict(cells, i, c, 1.3) for i in ("jpeg", "j2k") for c in (4, 16)]
+    out.append(priority_verdict(cells, priority_concurrency))
+    return out
+
+
+def priority_verdict(cells: Sequence[Cell], concurrency: int) -> Verdict:
+    name = f"priority under saturation (c{concurrency} routine): stat p95 vs naive's"
+    target = "≤ 0.25x"
+    prio = [c for c in cells if c.priority and c.concurrency == concurrency and c.ok("stat")]
+    ours = next((c for c in prio if c.peer == "cxr-triage"), None)
+    naive = min((c for c in prio if PEERS[c.peer].naive), key=lambda c: c.p(95, "stat"), default=None)
+    if ours is None or naive is None:
+        return Verdict(name, target, "—", None)
+    r = ratio(ours.p(95, "stat"), naive.p(95, "stat"))
+    measured = f"{r:.2f}x ({ours.p(95, 'stat'):.0f} vs {naive.peer} {naive.p(95, 'stat'):.0f} ms)"
+    return Verdict(name, target, measured, r <= 0.25, ours.busy or naive.busy)
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def read_procs() -> dict[int, tuple[int, int, int, float]]:
+    """pid -> (ppid, process group, session, user + system CPU seconds) of every live process."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after "(comm)": state(0) ppid(1) pgrp(2) session(3) ... utime(11) stime(12)
+        out[int(stat.parent.name)] = (
+            int(fields[1]),
+            int(fields[2]),
+            int(fields[3]),
+            (int(fields[11]) + int(fields[12])) / tick,
+        )
+    return out
+
+
+def tree_cpu(
+    roots: Sequence[int], procs: dict[int, tuple[int, int, int, float]] | None = None
+) -> dict[int, float]:
+    """CPU seconds of each process that belongs to ``roots``: the roots, their descendants, and any
+    process in a session or process group that a root leads (Ray's actors lead their own groups)."""
+    procs = read_procs() if procs is None else procs
+    wanted = set(roots)
+    members = {
+        pid for pid, (_, pgid, sid, _) in procs.items() if pid in wanted or pgid in wanted or sid in wanted
+    }
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(members)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in members:
+                members.add(child)
+                todo.append(child)
+    return {pid: procs[pid][3] for pid in members}
+
+
+def snapshot(server_roots: Sequence[int], client_pid: int | None = None) -> CpuSnapshot:
+    """bench_core's CpuSnapshot: ``client`` is the load generator (or this process), ``server`` the
+    server's process tree."""
+    procs = read_procs()
+    server = tree_cpu(server_roots, procs) if server_roots else {}
+    client = sum(tree_cpu([client_pid], procs).values()) if client_pid else time.process_time()
+    return CpuSnapshot(time.perf_counter(), machine_busy_seconds(), client, server)
+
+
+class Busy(RuntimeError):
+    """The machine is not quiet: nothing is timed."""
+
+
+def wait_quiet(server_roots: Sequence[int], plan: Plan, what: str, check_load: bool = False) -> float:
+    """Wait until other processes take at most BUSY_OTHER_CORES (2 s samples) and, with
+    ``check_load``, the load average is below bench_core's threshold; return the last sample.
+    Raises Busy after ``plan.quiet_timeout`` s unless --allow-busy."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + plan.quiet_timeout
+    with console.status(f"checking that the machine is quiet before {what}…") as status:
+        while True:
+            before = snapshot(server_roots)
+            time.sleep(2.0)
+            sample = other_cores(before, snapshot(server_roots))
+            load = os.getloadavg()[0]
+            quiet = sample <= BUSY_OTHER_CORES and (not check_load or load < BUSY_LOAD_PER_CORE * cores)
+            if quiet or plan.allow_busy:
+                if not quiet:
+                    console.print(
+                        f"[yellow]busy machine ({sample:.2f} other cores, load {load:.2f}): "
+                        "timing anyway (--allow-busy)[/]"
+                    )
+                return sample
+            if time.monotonic() > deadline:
+                raise Busy(
+                    f"the machine is busy before {what}: other processes take {sample:.2f} cores "
+                    f"(limit {BUSY_OTHER_CORES}), load average {load:.2f}; nothing timed. "
+                    "Stop the other work, or pass --allow-busy to time it anyway (flagged)."
+                )
+            status.update(
+                f"waiting for a quiet machine before {what}: other {sample:.2f} cores, load {load:.2f}"
+            )
+
+
+# --------------------------------------------------------------------------- the peers' environment
+
+
+def constraints_text() -> str:
+    return "".join(f"{d}=={v}\n" for d in SHARED_DISTS if (v := version_of(d)) != "not installed")
+
+
+def ensure_peers_venv() -> Path:
+    """.venv-peers with Ray Serve and BentoML (and .venv's engine and decoders), built when
+    benchmarks/peers/requirements.txt or those versions changed. Returns its python."""
+    python = PEERS_VENV / "bin" / "python"
+    constraints = constraints_text()
+    want = hashlib.sha256(REQUIREMENTS.read_bytes() + constraints.encode()).hexdigest()
+    stamp = PEERS_VENV / ".bench-peers-stamp"
+    if python.is_file() and stamp.is_file() and stamp.read_text().strip() == want:
+        return python
+    with console.status(
+        "installing the peers (Ray Serve, BentoML) into .venv-peers (minutes the first time)…"
+    ):
+        if not python.is_file():
+            subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as c:
+            c.write(constraints)
+            c.flush()
+            cmd = [str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS), "-c", c.name]
+            subprocess.run(cmd, check=True)
+    stamp.write_text(want + "\n")
+    return python
+
+
+def peers_versions(python: Path) -> dict[str, str]:
+    code = (
+        "from importlib.metadata import version as v; import json; "
+        "print(json.dumps({d: v(d) for d in ('ray', 'bentoml')}))"
+    )
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Running:
+    peer: Peer
+    url: str  # the predict endpoint
+    roots: list[int]  # the server's process tree: session / group leaders
+    idle_cores: float = 0.0  # its CPU use with no requests (Ray's background processes), once started
+
+
+def peer_env(peer: Peer, engine: Path, config: ModelConfig, port: int, home: Path) -> dict[str, str]:
+    pythonpath = os.pathsep.join([str(ROOT / "server"), str(PEERS_DIR)])
+    return {
+        **os.environ,
+        "PEER_MODEL": str(engine),
+        "PEER_SPEC": config.input.model_dump_json(),
+        "PEER_THREADS": str(peer.threads),
+        "PEER_PORT": str(port),
+        "PYTHONPATH": pythonpath,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": str(home),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+def peer_command(peer: Peer, port: int) -> list[str]:
+    assert peer.script is not None
+    if peer.venv == "main":
+        return [sys.executable, str(PEERS_DIR / peer.script)]
+    if peer.id == "bentoml":
+        bentoml = str(PEERS_VENV / "bin" / "bentoml")
+        return [bentoml, "serve", "bentoml_service:CxrPeer", "--host", "127.0.0.1", "--port", str(port)]
+    return [str(PEERS_VENV / "bin" / "python"), str(PEERS_DIR / peer.script)]
+
+
+def post(url: str, body: bytes, content_type: str, upload: str, timeout: float = 120.0) -> httpx.Response:
+    if upload == "multipart":
+        return httpx.post(url, files={"file": ("image", body, content_type)}, timeout=timeout)
+    return httpx.post(url, content=body, headers={"content-type": content_type}, timeout=timeout)
+
+
+def wait_answering(proc: subprocess.Popen[bytes], running: Running, log: Any, timeout: float) -> None:
+    """Until the server scores a PNG (200), or fail with its log."""
+    body, deadline = input_bodies("png")[0], time.monotonic() + timeout
+    with console.status(f"starting {running.peer.label}…"):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            with suppress(httpx.HTTPError):
+                if post(running.url, body, "image/png", running.peer.upload, 30).status_code == 200:
+                    return
+            time.sleep(0.5)
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-3000:]
+    state = (
+        f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
+    )
+    raise RuntimeError(f"{running.peer.id} {state}:\n{tail}")
+
+
+def kill_leftovers(roots: Sequence[int]) -> None:
+    """SIGKILL what is left of a stopped server's tree (Ray's actors lead their own groups)."""
+    for pid in tree_cpu(roots):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def start_peer(peer: Peer, engine: Path, config: ModelConfig) -> Iterator[Running]:
+    if peer.script is None:
+        with running_server() as (url, pgid, data_dir):
+            redis = embedded_redis(data_dir)
+            yield Running(peer, f"{url}/v1/predict", [pgid] + ([redis] if redis else []))
+        return
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="cxr-peer-") as home, tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            peer_command(peer, port),
+            cwd=PEERS_DIR,
+            env=peer_env(peer, engine, config, port, Path(home)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        running = Running(peer, f"http://127.0.0.1:{port}/predict", [proc.pid])
+        try:
+            wait_answering(proc, running, log, timeout=300.0)
+            yield running
+        finally:
+            stop_server(proc, grace=30.0)
+            deadline = time.monotonic() + 15
+            while tree_cpu([proc.pid]) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            kill_leftovers([proc.pid])
+
+
+# --------------------------------------------------------------------------- correctness probe
+
+
+def reference(engine_path: Path, config: ModelConfig, bodies: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The bare engine's probabilities for each input (the model input every peer must build)."""
+    engine = OnnxEngine(engine_path, "cpu", intra_op_threads=0)
+    out = {}
+    for kind, body in bodies.items():
+        pixels = prepare(body, INPUTS[kind].content_type, config.input, ImageLimits()).pixels
+        out[kind] = engine.run(to_batch([pixels], config.input))[0]
+    return out
+
+
+def probabilities(body: dict[str, Any]) -> list[float]:
+    """A peer's reply ({"probabilities": [...]}) or cxr-triage's (API.md: findings in label order)."""
+    if "probabilities" in body:
+        return [float(p) for p in body["probabilities"]]
+    return [float(f["probability"]) for f in body["findings"]]
+
+
+def probe(running: Running, bodies: dict[str, bytes], ref: dict[str, np.ndarray]) -> float:
+    """One request per input (also a warm-up); the largest |probability difference| to the bare engine."""
+    worst = 0.0
+    for kind, body in bodies.items():
+        response = post(running.url, body, INPUTS[kind].content_type, running.peer.upload)
+        if response.status_code != 200:
+            raise RuntimeError(
+                f"{running.peer.id} answered {response.status_code} to {kind}: {response.text[:300]}"
+            )
+        got = np.asarray(probabilities(response.json()), dtype=np.float32)
+        worst = max(worst, float(np.max(np.abs(got - ref[kind]))))
+    return worst
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def server_cores(roots: Sequence[int], seconds: float) -> float:
+    """Mean cores the server's tree uses over ``seconds``."""
+    before = snapshot(roots)
+    time.sleep(seconds)
+    after = snapshot(roots)
+    used = sum(cpu - before.server.get(pid, 0.0) for pid, cpu in after.server.items())
+    return used / (after.wall - before.wall)
+
+
+def settle(running: "Running", limit_s: float = 30.0) -> None:
+    """Wait until the server is back to its idle CPU use (it finished what it had queued)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and server_cores(running.roots, 0.5) > running.idle_cores + 0.2:
+        pass
+
+
+def run_loadgen(running: Running, job: dict[str, Any]) -> tuple[dict[str, Any], CpuSnapshot, CpuSnapshot]:
+    """The load generator as its own process; CPU snapshots at its window's start and end."""
+    proc = subprocess.Popen(
+        [sys.executable, str(LOADGEN), json.dumps(job)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    before = after = None
+    result: dict[str, Any] | None = None
+    for line in proc.stdout:
+        if line.startswith("window start"):
+            before = snapshot(running.roots, proc.pid)
+        elif line.startswith("window end"):
+            after = snapshot(running.roots, proc.pid)
+        elif line.startswith("{"):
+            result = json.loads(line)
+    if proc.wait() != 0 or result is None or before is None or after is None:
+        raise RuntimeError(f"the load generator failed (exit {proc.returncode})")
+    return result, before, after
+
+
+def measure_cell(
+    running: Running,
+    kind: str,
+    files: list[str],
+    concurrency: int,
+    plan: Plan,
+    priority: bool = False,
+) -> Cell:
+    job: dict[str, Any] = {
+        "url": running.url,
+        "bodies": files,
+        "content_type": INPUTS[kind].content_type,
+        "upload": running.peer.upload,
+        "concurrency": concurrency,
+        "warmup": plan.warmup,
+        "duration": plan.duration,
+    }
+    if priority:
+        job |= {
+            "params": {"priority": "routine"},
+            "stat_every": plan.stat_every,
+            "stat_params": {"priority": "stat"},
+        }
+    result, before, after = run_loadgen(running, job)
+    # Per process, so that a process started or ended in the window counts only its own share.
+    server = sum(cpu - before.server.get(pid, 0.0) for pid, cpu in after.server.items())
+    client = after.client - before.client
+    classes = result["classes"] if priority else {"routine": result["classes"]["routine"]}
+    return Cell(
+        peer=running.peer.id,
+        input=kind,
+        concurrency=concurrency,
+        seconds=float(result["seconds"]),
+        latencies_ms={k: v["latencies_ms"] for k, v in classes.items()},
+        status={k: v["status"] for k, v in classes.items()},
+        server_cpu_s=server,
+        client_cpu_s=client,
+        other_cpu_s=max(0.0, after.busy - before.busy - server - client),
+        wall_s=after.wall - before.wall,
+        priority=priority,
+    )
+
+
+def timed_cell(
+    running: Running, kind: str, files: list[str], concurrency: int, plan: Plan, priority: bool = False
+) -> Cell:
+    """A cell on a quiet machine: rerun once after waiting when other work ran meanwhile."""
+    for attempt in range(2):
+        cell = measure_cell(running, kind, files, concurrency, plan, priority)
+        settle(running)
+        if not cell.busy or plan.allow_busy:
+            return cell
+        console.print(f"[yellow]other processes took {cell.other_cores:.2f} cores during the cell[/]")
+        if attempt == 0:
+            wait_quiet(running.roots, plan, "rerunning the cell")
+    raise Busy(
+        f"other processes took {cell.other_cores:.2f} cores (limit {BUSY_OTHER_CORES}) during "
+        f"{running.peer.id} {kind} c{concurrency} twice; stopped. Pass --allow-busy to time it anyway."
+    )
+
+
+def cell_line(c: Cell) -> str:
+    extra = f", stat p95 {c.p(95, 'stat'):.0f} ms" if c.priority else ""
+    busy = " [yellow](busy)[/]" if c.busy else ""
+    return (
+        f"{c.peer:<11} {c.input:<5} c{c.concurrency:<3}{' priority' if c.priority else ''}: "
+        f"{c.throughput():.1f} req/s, p95 {c.p(95):.0f} ms{extra}, "
+        f"errors {sum(c.errors(k) for k in c.status)}; "
+        f"CPU server {c.server_cpu_s / c.wall_s:.2f} / client {c.client_cpu_s / c.wall_s:.2f} / "
+        f"other {c.other_cores:.2f} cores{busy}"
+    )
+
+
+def bench_bare(engine_path: Path, config: ModelConfig, plan: Plan, run: Run) -> None:
+    """The bare engine (no server), batch 1 and 8, in this process: the ceiling for served ÷ engine."""
+    wait_quiet([], plan, "the bare engine")
+    core = CorePlan(
+        duration=plan.duration,
+        repeats=0,
+        warmup_calls=3,
+        served_warmup=0.0,
+        quick=plan.smoke,
+        skip_torch=True,
+        skip_server=True,
+        clients_per_batch=2,
+    )
+    before = snapshot([])
+    with new_progress() as progress:
+        run.bare = bench_onnx(engine_path, engine_inputs(config), core, progress)
+    run.bare_other_cores = other_cores(before, snapshot([]))
+
+
+def bench_peer(
+    peer: Peer,
+    engine: Path,
+    config: ModelConfig,
+    files: dict[str, list[str]],
+    refs: Any,
+    plan: Plan,
+    run: Run,
+) -> None:
+    bodies = {k: Path(v[0]).read_bytes() for k, v in files.items()}
+    with start_peer(peer, engine, config) as running:
+        run.deltas[peer.id] = probe(running, bodies, refs)
+        running.idle_cores = server_cores(running.roots, 2.0)
+        wait_quiet(running.roots, plan, f"timing {peer.id}")
+        for kind in plan.inputs:
+            for concurrency in plan.concurrency:
+                cell = timed_cell(running, kind, files[kind], concurrency, plan)
+                run.cells.append(cell)
+                console.print(cell_line(cell))
+        if plan.priority and (peer.naive or peer.id == "cxr-triage"):
+            kind = plan.priority_input
+            cell = timed_cell(running, kind, files[kind], plan.priority_concurrency, plan, priority=True)
+            run.cells.append(cell)
+            console.print(cell_line(cell))
+
+
+def run_all(plan: Plan) -> Run:
+    config, engine = require_engine()
+    run = Run(plan, datetime.now(UTC), os.getloadavg()[0])
+    wait_quiet([], plan, "the benchmark", check_load=True)
+    if any(PEERS[p].venv == "peers" for p in plan.peers):
+        run.versions = peers_versions(ensure_peers_venv())
+    kinds = sorted({*plan.inputs, plan.priority_input} if plan.priority else set(plan.inputs))
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-peers-") as tmp:
+        files: dict[str, list[str]] = {}
+        for kind in kinds:
+            files[kind] = []
+            for i, body in enumerate(input_bodies(kind)):
+                path = Path(tmp) / f"{kind}-{i}"
+                path.write_bytes(body)
+                files[kind].append(str(path))
+        refs = reference(engine, config, {k: Path(v[0]).read_bytes() for k, v in files.items()})
+        bench_bare(engine, config, plan, run)
+        for peer_id in plan.peers:
+            bench_peer(PEERS[peer_id], engine, config, files, refs, plan, run)
+    return run
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"
+
+
+def cpu_cell(seconds: float, wall: float) -> str:
+    return f"{seconds:.1f} ({seconds / wall:.2f})" if wall else "—"
+
+
+def result_rows(
+    cells: Sequence[Cell], kind: str, concurrency: Sequence[int], peers: Sequence[str]
+) -> list[list[str]]:
+    rows = []
+    for c in concurrency:
+        for peer in peers:
+            cell = find(cells, peer, kind, c)
+            if cell is None:
+                continue
+            rows.append(
+                [
+                    str(c),
+                    PEERS[peer].label,
+                    f"**{cell.throughput():.1f}**" if peer == "cxr-triage" else f"{cell.throughput():.1f}",
+                    fmt(cell.p(50)),
+                    fmt(cell.p(95)),
+                    fmt(cell.p(99)),
+                    f"{cell.ok()} / {cell.errors()}",
+                    cpu_cell(cell.server_cpu_s, cell.wall_s),
+                    cpu_cell(cell.client_cpu_s, cell.wall_s),
+                    cpu_cell(cell.other_cpu_s, cell.wall_s) + (" **busy**" if cell.busy else ""),
+                ]
+            )
+    return rows
+
+
+RESULT_HEADER = [
+    "conc.",
+    "peer",
+    "req/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "200 / other",
+    "CPU s server (cores)",
+    "CPU s client (cores)",
+    "CPU s other (cores)",
+]
+
+
+def results_section(run: Run) -> list[str]:
+    out = ["## Results", ""]
+    for kind in run.plan.inputs:
+        rows = result_rows(run.cells, kind, run.plan.concurrency, run.plan.peers)
+        out += [f"### {INPUTS[kind].label}", "", *table(RESULT_HEADER, rows), ""]
+    out += [
+        f"Each cell: {run.plan.warmup:g} s warm-up, then {run.plan.duration:g} s measured; *req/s* counts "
+        "200 replies completed in the window, latencies are the client's send-to-reply times of those "
+        "replies. CPU seconds in the window: the server's whole process tree (cxr-triage: with its "
+        "embedded Redis; Ray: every Ray process), the load generator (its own process), and "
+        "everything else on the machine (`/proc/stat` minus those two); in brackets, mean cores. "
+        f"A cell where everything else took more than {BUSY_OTHER_CORES} cores is marked **busy**.",
+        "",
+    ]
+    return out
+
+
+def priority_section(run: Run) -> list[str]:
+    cells = [c for c in run.cells if c.priority]
+    if not cells:
+        return []
+    rows = [
+        [
+            PEERS[c.peer].label,
+            f"{c.throughput():.1f}",
+            fmt(c.p(95)),
+            str(c.ok("stat")),
+            fmt(c.p(50, "stat")),
+            f"**{fmt(c.p(95, 'stat'))}**",
+            fmt(c.p(99, "stat")),
+            f"{c.errors() + c.errors('stat')}",
+            cpu_cell(c.server_cpu_s, c.wall_s),
+            cpu_cell(c.client_cpu_s, c.wall_s),
+            cpu_cell(c.other_cpu_s, c.wall_s) + (" **busy**" if c.busy else ""),
+        ]
+        for c in cells
+    ]
+    header = [
+        "peer",
+        "routine req/s",
+        "routine p95 ms",
+        "stat n",
+        "stat p50 ms",
+        "stat p95 ms",
+        "stat p99 ms",
+        "errors",
+        "CPU s server",
+        "CPU s client",
+        "CPU s other",
+    ]
+    kind = INPUTS[run.plan.priority_input].label
+    return [
+        "## Priority under saturation",
+        "",
+        *table(header, rows),
+        "",
+        f"{run.plan.priority_concurrency} closed-loop clients send {kind} with `?priority=routine` and keep "
+        f"the server saturated; stat requests (`?priority=stat`) arrive at random next to them, one per "
+        f"{run.plan.stat_every:g} s on average (open loop). The naive server ignores the parameter.",
+        "",
+    ]
+
+
+def bare_section(run: Run) -> list[str]:
+    rows = [[str(t.batch), f"{t.img_s:.1f}", f"{t.p50_ms:.1f}"] for t in run.bare]
+    busy = " **busy**" if run.bare_other_cores > BUSY_OTHER_CORES else ""
+    return [
+        "## Bare engine (no server)",
+        "",
+        *table(["batch", "img/s", "ms/call p50"], rows),
+        "",
+        f"ONNX Runtime CPU EP, intra-op threads 0 (all cores), the same model.onnx and a pre-decoded "
+        f"radiograph; {run.plan.duration:g} s per batch size, in the bench process with no server "
+        f"running (other processes: {fmt(run.bare_other_cores, 2)} cores{busy}). *served ÷ bare engine* "
+        "uses the better of the two batch sizes.",
+        "",
+    ]
+
+
+def targets_section(run: Run) -> list[str]:
+    verdicts = targets(run.cells, run.bare_img_s, run.plan.priority_concurrency)
+    rows = [[v.name, v.target, v.measured, f"**{v.word}**"] for v in verdicts]
+    return [
+        "## Targets (issue 13, from this one run)",
+        "",
+        *table(["target", "needs", "measured", "verdict"], rows),
+        "",
+        "*Best naive*: the naive configuration (ORT 1 or 2 threads) with the higher throughput in that "
+        "cell; its own p95 is the one compared. For priority, the naive configuration with the lower "
+        "stat p95.",
+        "",
+    ]
+
+
+def peers_section(run: Run) -> list[str]:
+    rows = [
+        [
+            PEERS[p].label,
+            PEERS[p].how,
+            str(PEERS[p].threads or "0 (default)"),
+            ".venv-peers" if PEERS[p].venv == "peers" else ".venv",
+            fmt(run.deltas.get(p, float("nan")), 7) if p in run.deltas else "—",
+        ]
+        for p in run.plan.peers
+    ]
+    versions = ", ".join(
+        [f"{d} {version_of(d)}" for d in ("fastapi", "uvicorn", "litserve", "httpx")]
+        + [f"{d} {v}" for d, v in run.versions.items()]
+    )
+    return [
+        "## Peers",
+        "",
+        *table(["peer", "how it serves", "ORT intra-op threads", "venv", "max abs Δp vs bare engine"], rows),
+        "",
+        "Every peer serves the same model.onnx and builds the model input with `cxr_triage.imaging` "
+        "(`prepare`: pydicom / Pillow decoding with pydicom's default decoder plugins, resize to "
+        "224 px, 0-1 scaling; `to_batch`: per-channel normalisation), so the engine sees the same "
+        "tensor everywhere; *max abs Δp* is the largest difference of a probability from the bare "
+        f"engine's for the same upload (one request per input before timing; above {MAX_DELTA_P:g} "
+        "would mean a different input). The peers call ONNX Runtime with its default session "
+        f"options apart from the thread count. Versions: {versions}. .venv-peers pins .venv's numpy, "
+        "onnxruntime, Pillow, pydicom and decoders. The load generator is a separate process "
+        "(benchmarks/peers/loadgen.py: asyncio + httpx, closed loop, one connection per client).",
+        "",
+    ]
+
+
+def render(run: Run) -> str:
+    plan = run.plan
+    mode = "**smoke run: too short to compare**" if plan.smoke else "full"
+    other = {"bare engine": run.bare_other_cores} if run.bare else {}
+    for c in run.cells:
+        key = f"{c.peer} (max of its cells)"
+        other[key] = max(other.get(key, 0.0), c.other_cores)
+    lines = [
+        "# cxr-triage against its peers",
+        "",
+        f"{run.started:%Y-%m-%d %H:%M} UTC · commit {git_commit()} · mode: {mode} · "
+        f"{plan.duration:g} s per cell after {plan.warmup:g} s warm-up · concurrency "
+        f"{', '.join(map(str, plan.concurrency))} · inputs {', '.join(plan.inputs)}",
+        "",
+        *machine_section(run.load, Results(other_cores=other)),
+        *targets_section(run),
+        *results_section(run),
+        *priority_section(run),
+        *bare_section(run),
+        *peers_section(run),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(run: Run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = run.plan.inputs
+    fig, axes = plt.subplots(2, len(kinds), figsize=(5 * len(kinds), 8), squeeze=False)
+    for col, kind in enumerate(kinds):
+        top, bottom = axes[0][col], axes[1][col]
+        for peer in run.plan.peers:
+            cells = [c for c in (find(run.cells, peer, kind, n) for n in run.plan.concurrency) if c]
+            if not cells:
+                continue
+            style = {"linewidth": 2.5, "color": "black"} if peer == "cxr-triage" else {"linewidth": 1.2}
+            xs = [c.concurrency for c in cells]
+            top.plot(xs, [c.throughput() for c in cells], marker="o", label=PEERS[peer].label, **style)
+            bottom.plot(xs, [c.p(95) for c in cells], marker="o", label=PEERS[peer].label, **style)
+        top.set_title(INPUTS[kind].label.split(" (")[0])
+        top.set_ylabel("throughput (req/s)")
+        bottom.set_ylabel("p95 latency (ms)")
+        bottom.set_yscale("log")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(run.plan.concurrency), [str(c) for c in run.plan.concurrency])
+            ax.set_xlabel("concurrent clients")
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    note = "SMOKE RUN: too short to compare · " if run.plan.smoke else ""
+    fig.suptitle(f"{note}same model.onnx, same machine ({machine_tag()}), {run.started:%Y-%m-%d}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(run: Run, text: str) -> list[Path]:
+    """peers-<machine>-<date>[-smoke].md, peers-latest.md / .json / .png, each written atomically."""
+    out = run.plan.results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-smoke" if run.plan.smoke else ""
+    dated = out / f"peers-{machine_tag()}-{run.started:%Y%m%d}{suffix}.md"
+    summary = {
+        "started": run.started.isoformat(),
+        "smoke": run.plan.smoke,
+        "bare_engine_img_s": {str(t.batch): t.img_s for t in run.bare},
+        "cells": [c.summary() for c in run.cells],
+    }
+    files = {
+        dated: text,
+        out / "peers-latest.md": text,
+        out / "peers-latest.json": json.dumps(summary, indent=1),
+    }
+    for path, content in files.items():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(path)
+    png = out / "peers-latest.png"
+    tmp = out / "peers-latest.tmp.png"
+    plot(run, tmp)
+    tmp.replace(png)
+    return [*files, png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(argv)
+    try:
+        run = run_all(plan)
+    except Busy as exc:
+        console.print(f"[bold red]{exc}[/]")
+        return 3
+    text = render(run)
+    paths = write_outputs(run, text)
+    from rich.markdown import Markdown
+
+    console.print(Markdown(text))
+    for path in paths:
+        console.print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""benchmarks/bench_peers.py: the pure parts (percentiles, targets, CPU trees, tables) and one short
+real cell against the naive FastAPI peer, serving a tiny ONNX model built here."""
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from benchmarks import bench_peers as bp
+
+from cxr_triage.repository.models import InputSpec
+
+
+def cell(
+    peer: str,
+    input: str = "png",
+    concurrency: int = 16,
+    req_s: float = 10.0,
+    p95: float = 100.0,
+    stat_p95: float | None = None,
+    other_s: float = 0.0,
+) -> bp.Cell:
+    """A 10 s cell with ``req_s`` * 10 replies, 95% of them at ``p95`` / 2 ms and the rest at ``p95``."""
+    n = round(req_s * 10)
+    fast = round(n * 0.9)
+    latencies = {"routine": [p95 / 2] * fast + [p95] * (n - fast)}
+    status = {"routine": {"200": n}}
+    if stat_p95 is not None:
+        latencies["stat"] = [stat_p95] * 20
+        status["stat"] = {"200": 20}
+    return bp.Cell(
+        peer=peer,
+        input=input,
+        concurrency=concurrency,
+        seconds=10.0,
+        latencies_ms=latencies,
+        status=status,
+        server_cpu_s=18.0,
+        client_cpu_s=1.0,
+        other_cpu_s=other_s,
+        wall_s=10.0,
+        priority=stat_p95 is not None,
+    )
+
+
+def test_percentile_is_numpy_linear_and_nan_when_empty() -> None:
+    assert bp.percentile(list(range(1, 101)), 50) == pytest.approx(50.5)
+    assert bp.percentile([3.0], 99) == 3.0
+    assert math.isnan(bp.percentile([], 95))
+
+
+def test_cell_figures() -> None:
+    c = cell("naive-t1", req_s=20.0, p95=200.0)
+    c.status["routine"]["ReadTimeout"] = 2
+    assert c.ok() == 200 and c.errors() == 2
+    assert c.throughput() == pytest.approx(20.0)
+    assert c.p(50) == 100.0 and c.p(99) == 200.0
+    assert not c.busy
+    assert cell("naive-t1", other_s=3.0).busy  # 0.3 cores of other work > BUSY_OTHER_CORES
+    assert c.summary()["classes"]["routine"]["req_s"] == pytest.approx(20.0)
+
+
+def test_peer_names_expand_and_unknown_ones_are_refused() -> None:
+    assert bp.expand_peers(["naive", "cxr-triage", "naive-t1"]) == ("naive-t1", "naive-t2", "cxr-triage")
+    with pytest.raises(ValueError, match="unknown peer"):
+        bp.expand_peers(["triton"])
+
+
+def test_arguments_make_a_short_smoke_possible() -> None:
+    plan = bp.parse_args(["--duration", "3", "--concurrency", "1,4", "--inputs", "png", "--peers", "naive"])
+    assert plan.smoke and plan.warmup == 1.0
+    assert plan.concurrency == (1, 4) and plan.inputs == ("png",) and plan.peers == ("naive-t1", "naive-t2")
+    full = bp.parse_args([])
+    assert not full.smoke and full.concurrency == (1, 4, 16) and full.inputs == ("png", "jpeg", "j2k")
+    assert full.peers == ("naive-t1", "naive-t2", "litserve", "ray", "bentoml", "cxr-triage")
+    with pytest.raises(SystemExit):
+        bp.parse_args(["--inputs", "tiff"])
+
+
+def full_cells(ours_png: float, ours_big: float, ours_stat_p95: float, busy: bool = False) -> list[bp.Cell]:
+    cells = []
+    for kind in ("png", "jpeg", "j2k"):
+        for c in (4, 16):
+            big = kind != "png"
+            cells += [
+                cell("naive-t1", kind, c, req_s=8.0 if big else 30.0, p95=120.0),
+                cell("naive-t2", kind, c, req_s=10.0 if big else 40.0, p95=100.0),  # the best naive
+                cell("litserve", kind, c, req_s=99.0),  # not naive: never the reference
+                cell(
+                    "cxr-triage",
+                    kind,
+                    c,
+                    req_s=ours_big if big else ours_png,
+                    p95=90.0,
+                    other_s=3.0 if busy else 0.0,
+                ),
+            ]
+    cells += [
+        cell("naive-t1", concurrency=16, stat_p95=900.0),
+        cell("naive-t2", concurrency=16, stat_p95=800.0),  # the lower naive stat p95 is the reference
+        cell("cxr-triage", concurrency=16, stat_p95=ours_stat_p95),
+    ]
+    return cells
+
+
+def test_targets_pass_against_the_best_naive_configuration() -> None:
+    verdicts = bp.targets(full_cells(ours_png=39.0, ours_big=13.0, ours_stat_p95=200.0), bare_img_s=42.0)
+    assert [v.ok for v in verdicts] == [True] * 8
+    assert "naive-t2 40.0" in verdicts[0].measured  # 39 / 40 = 0.975 >= 0.95
+    assert verdicts[2].measured.startswith("0.93")  # 39 / 42
+    assert verdicts[3].measured.startswith("1.30x")
+    assert verdicts[-1].measured.startswith("0.25x")  # 200 / 800
+    assert all(v.word == "PASS" for v in verdicts)
+
+
+def test_targets_miss_and_busy_and_missing_cells_are_said() -> None:
+    verdicts = bp.targets(full_cells(ours_png=37.0, ours_big=12.0, ours_stat_p95=201.0), bare_img_s=42.0)
+    assert [v.ok for v in verdicts] == [False, True, False, False, False, False, False, False]
+    assert verdicts[0].word == "MISS"
+    busy = bp.targets(full_cells(39.0, 13.0, 200.0, busy=True), bare_img_s=42.0)
+    assert busy[0].word == "PASS (machine busy: not valid)"
+    nothing = bp.targets([cell("cxr-triage")], bare_img_s=None)
+    assert all(v.ok is None and v.word == "not measured" for v in nothing)
+
+
+def test_process_tree_takes_descendants_and_the_session_not_the_rest() -> None:
+    procs = {  # pid: (ppid, pgid, sid, cpu)
+        100: (1, 100, 100, 1.0),  # the server, started in its own session
+        101: (100, 100, 100, 2.0),  # a worker
+        102: (101, 102, 100, 4.0),  # an actor leading its own group, same session
+        103: (102, 103, 103, 8.0),  # a grandchild that left the session: still a descendant
+        200: (1, 200, 200, 16.0),  # something else
+        300: (1, 300, 300, 32.0),  # a daemon given as a second root (embedded Redis)
+    }
+    assert bp.tree_cpu([100], procs) == {100: 1.0, 101: 2.0, 102: 4.0, 103: 8.0}
+    assert sum(bp.tree_cpu([100, 300], procs).values()) == 47.0
+    assert bp.tree_cpu([999], procs) == {}
+
+
+def test_report_tables_are_well_formed() -> None:
+    plan = bp.parse_args(["--duration", "3", "--peers", "naive,cxr-triage", "--concurrency", "4,16"])
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=full_cells(39.0, 13.0, 200.0))
+    text = bp.render(run)
+    assert "smoke run" in text and "## Targets" in text and "## Priority under saturation" in text
+    blocks: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = [b for b in blocks if b]
+    assert len(tables) >= 6  # machine, targets, png / jpeg results, priority, bare engine, peers
+    for rows in tables:  # every row has its header's number of columns (no stray "|" in a cell)
+        assert {row.count("|") for row in rows} == {rows[0].count("|")}, rows
+    rows = bp.result_rows(run.cells, "jpeg", (4, 16), ("naive-t1", "cxr-triage"))
+    assert [r[:3] for r in rows] == [
+        ["4", "naive FastAPI, ORT 1 thread", "8.0"],
+        ["4", "cxr-triage", "**13.0**"],
+        ["16", "naive FastAPI, ORT 1 thread", "8.0"],
+        ["16", "cxr-triage", "**13.0**"],
+    ]
+
+
+def tiny_model(path: Path, size: int) -> None:
+    """(N, 3, size, size) -> 14 sigmoid outputs: global average pool and one linear layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(3, 14)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(14, dtype=np.float32), "b")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 14])],
+        [weights, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.mark.timeout(60)
+def test_a_short_real_cell_against_the_naive_peer(tmp_path: Path) -> None:
+    engine = tmp_path / "model.onnx"
+    tiny_model(engine, 32)
+    config = SimpleNamespace(input=InputSpec(size=32))
+    bodies = bp.input_bodies("png")[:2]
+    files = []
+    for i, body in enumerate(bodies):
+        (tmp_path / f"png-{i}").write_bytes(body)
+        files.append(str(tmp_path / f"png-{i}"))
+    plan = bp.parse_args(["--duration", "1", "--warmup", "0.3"])
+    ref = bp.reference(engine, config, {"png": bodies[0]})  # type: ignore[arg-type]
+    with bp.start_peer(bp.PEERS["naive-t1"], engine, config) as running:  # type: ignore[arg-type]
+        assert bp.probe(running, {"png": bodies[0]}, ref) < 1e-5
+        c = bp.measure_cell(running, "png", files, 2, plan)
+        roots = running.roots
+    assert c.ok() > 0 and c.errors() == 0
+    assert c.server_cpu_s > 0 and c.client_cpu_s > 0 and c.wall_s == pytest.approx(1.0, abs=0.3)
+    assert c.p(50) <= c.p(95) <= c.p(99)
+    assert bp.tree_cpu(roots) == {}  # nothing of the server is left
