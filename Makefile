@@ -5,15 +5,17 @@ BIN    := $(VENV)/bin
 DEFAULT_MODEL ?= densenet121-nih14
 ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
 
-.PHONY: serve test lint typecheck services bench bench-capacity bench-peers engine clean help demo-train
+.PHONY: serve test lint typecheck services bench bench-capacity bench-peers bench-backlog engine clean help demo-train demo-gzsl
 
 help:
 	@echo "make serve   start the service on 127.0.0.1:8000 (embedded defaults, CPU engine)"
 	@echo "make test    install everything needed and run lint, types and the whole test suite"
 	@echo "make bench   engine / decode / served-vs-engine / priority-wait benchmarks -> benchmarks/results/"
 	@echo "make bench-capacity  studies/s per replica, replicas on one Redis, capacity note -> benchmarks/results/"
+	@echo "make bench-backlog  live /v1/predict latency with and without a backlog running -> benchmarks/results/backlog-*"
 	@echo "make bench-peers  cxr-triage vs naive FastAPI / LitServe / Ray Serve / BentoML -> benchmarks/results/peers-*"
 	@echo "make demo-train  synthetic phantoms -> train DenseNet-121 (CPU minutes) -> evaluate -> register -> promote"
+	@echo "make demo-gzsl   CXR-ML-GZSL on synthetic compositional phantoms: train, seen/unseen/harmonic AUROC, register"
 	@echo "make demo-scale  the same with 2 DDP processes, MLflow, and an int8 engine through the gate"
 
 $(BIN)/python:
@@ -69,6 +71,10 @@ bench: engine $(VENV)/.dev
 bench-capacity: engine $(VENV)/.dev
 	$(BIN)/python benchmarks/bench_capacity.py
 
+# Live /v1/predict p50/p95/p99 with and without `cxr-triage backlog` running (issue 13).
+bench-backlog: engine $(VENV)/.dev
+	$(BIN)/python benchmarks/bench_backlog.py
+
 # Peers side by side (issue 13): naive FastAPI (ORT 1 and 2 threads), plain LitServe, Ray Serve,
 # BentoML and cxr-triage; same model.onnx, same machine, the client in its own process. Ray Serve
 # and BentoML go into .venv-peers (built by the script). Refuses to time a busy machine. ~30 min.
@@ -117,3 +123,17 @@ demo-scale: $(VENV)/.dev
 	$(BIN)/cxr-triage check-repo
 	$(BIN)/python -c "import json, pathlib; [print(p.parent.name, 'weights', m['weights'], 'precision', m.get('precision', 'fp32'), 'mlflow run', m.get('mlflow', {}).get('run_id'), 'AUROC', m.get('metrics', {}).get('mean_auroc'), 'int8 speed', m.get('speed')) for p in sorted(pathlib.Path('model_repo/$(DEMO_MODEL)').glob('*/metadata.json')) for m in [json.loads(p.read_text())]]"
 .PHONY: demo-scale
+
+# CXR-ML-GZSL on SYNTHETIC compositional phantoms (16 '<side> <zone> <type>' findings, 4 unseen):
+# train (gamma1 = 0 for 5 epochs: encoders from scratch, see README), evaluate seen / unseen /
+# harmonic AUROC and top-k, register a version. The server does not serve GZSL versions yet,
+# so the version goes to reports/gzsl-synthetic-demo/model_repo, not model_repo/.
+GZSL_DATA ?= datasets/gzsl-synthetic
+GZSL_RUN  ?= runs/gzsl-synthetic-demo
+demo-gzsl: $(VENV)/.dev
+	$(BIN)/cxr-triage gzsl synth-data $(GZSL_DATA) --patients 2000 --size 64 --seed 0
+	$(BIN)/cxr-triage gzsl train --data $(GZSL_DATA) --run-dir $(GZSL_RUN) --epochs 10 --lr 1e-3 \
+	  --image-size 64 --align-warmup-epochs 5 --no-progress
+	$(BIN)/cxr-triage gzsl evaluate $(GZSL_RUN) --bootstrap 1000 --out reports/gzsl-synthetic-demo/report.json
+	$(BIN)/cxr-triage gzsl register $(GZSL_RUN) --model gzsl-synthetic-demo \
+	  --model-repo reports/gzsl-synthetic-demo/model_repo

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +83,14 @@ def make_tiny_repo(dest: Path, size: int = 64, batch_timeout_ms: float = 10.0, m
 def copy_repo(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+def metrics_text(url: str) -> str:
+    """``/metrics`` of a server, with the ``replica`` label every sample carries taken out (one
+    server: it is the same everywhere), so tests can match the other labels exactly."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r'replica="[^"]+"', text), "samples must name their replica"
+    return re.sub(r"\{\}", "", re.sub(r',?replica="[^"]*"', "", text))
 
 
 def free_port() -> int:

@@ -226,3 +226,58 @@ def pacs_pull(
         state = instance.get("error", {}).get("message") or queued
         console.print(f"{instance['instance_uid']}: {state}")
     console.print(f"status: {server}{body['status_url']}")
+
+
+@app.command()
+def backlog(
+    folder: Annotated[
+        Path | None, typer.Argument(help="folder of DICOM files (recursive); or use --qido")
+    ] = None,
+    qido: Annotated[
+        str | None, typer.Option(help="DICOMweb root to search (QIDO-RS) and retrieve from (WADO-RS)")
+    ] = None,
+    modality: Annotated[
+        str, typer.Option(help="modalities to score, comma-separated; 'any' for all")
+    ] = "CR,DX",
+    study_date: Annotated[
+        str | None, typer.Option(help="QIDO StudyDate filter: YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    ] = None,
+    server: Annotated[str, typer.Option(help="the running cxr-triage (a replica or a load balancer)")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CXR_API_KEY", show_default=False, help="sent as X-API-Key")
+    ] = None,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="at most this many of its jobs unfinished at a time (see bench_backlog.py)",
+        ),
+    ] = 2,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="progress file to resume from (default: ./.cxr-backlog-HASH.jsonl, HASH of the source)"
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="send at most N items in this run")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="send items that failed in an earlier run again")
+    ] = False,
+    model: Annotated[str | None, typer.Option(help="model name (default: the service's default)")] = None,
+    pacs_username: Annotated[
+        str | None, typer.Option(envvar="CXR_PACS_USERNAME", help="basic auth for --qido")
+    ] = None,
+    pacs_password: Annotated[
+        str | None, typer.Option(envvar="CXR_PACS_PASSWORD", show_default=False, help="basic auth for --qido")
+    ] = None,
+) -> None:
+    """Score an archive (a DICOM folder or a QIDO-RS query) at backfill priority through a running
+    service, resumably; live traffic keeps priority. Exit 0 all scored, 1 some failed, 2 usage."""
+    from cxr_triage.backlog import Options, run_command
+
+    options = Options(server, api_key, max_in_flight, limit, retry_failed, model)
+    auth = (pacs_username, pacs_password or "") if pacs_username else None
+    code = run_command(console, folder, qido, modality, study_date, checkpoint, options, auth)
+    raise typer.Exit(code)

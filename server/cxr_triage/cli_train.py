@@ -62,6 +62,9 @@ def register_commands(app: typer.Typer) -> None:
     """Add the trainer's commands to the main CLI."""
     for command in (synth_data, train, register, evaluate, promote, rollback, import_weights, retrain):
         app.command(command.__name__.replace("_", "-"))(command)
+    from cxr_triage.cli_gzsl import app as gzsl_app  # light: its commands import the trainer
+
+    app.add_typer(gzsl_app, name="gzsl")
 
 
 def synth_data(

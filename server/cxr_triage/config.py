@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         default_factory=lambda: {"stat": 0.0, "urgent": 15.0, "routine": 60.0, "backfill": 600.0},
         description="per priority class: how long newer higher-class jobs may overtake a job",
     )
+    backfill_batch: int = Field(
+        2,
+        ge=1,
+        description="most backfill (archive) jobs in one engine batch: a live study arriving meanwhile "
+        "waits for at most this many archive images",
+    )
     clinical_window: int = Field(200, ge=1, le=5000, description="recent reports behind the clinical metrics")
     worklist_max_wait_s: float = Field(4 * 3600.0, gt=0, description="no unread study waits much longer")
     pacs_url: str | None = Field(

@@ -11,7 +11,15 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
-from tests.helpers import dataset_bytes, dicom_bytes, dicom_path, free_port, orthanc, running_server
+from tests.helpers import (
+    dataset_bytes,
+    dicom_bytes,
+    dicom_path,
+    free_port,
+    metrics_text,
+    orthanc,
+    running_server,
+)
 
 REFERENCED, FAILED, REASON, COMMENT = "00081199", "00081198", "00081197", "00000902"
 SERVER_LOG: list[Path] = [Path()]  # the PACS-loop server's log, scanned for PHI
@@ -256,7 +264,7 @@ def test_no_phi_in_logs_or_metrics(pacs_loop: tuple[str, str]) -> None:
     wait_done(url, ds.StudyInstanceUID)
     sr = find_sr(pacs, ds.StudyInstanceUID)  # the SR carries the patient (it belongs to the study) …
     assert sr.PatientID == phi["PatientID"]
-    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    metrics = metrics_text(url)
     log = SERVER_LOG[0].read_text(errors="replace")
     assert "stored to the PACS" in log  # … the debug log really covered that path
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]

@@ -29,7 +29,7 @@ from cxr_triage.repository import (
     goes_to_canary,
     write_serving_state,
 )
-from tests.helpers import add_version, chest_u8, copy_repo, png_bytes, running_server
+from tests.helpers import add_version, chest_u8, copy_repo, metrics_text, png_bytes, running_server
 
 MODEL = "densenet121-nih14"
 POLL_S = 0.2
@@ -101,7 +101,7 @@ def predict(client: httpx.Client | None, url: str) -> httpx.Response:
 
 
 def reloads(url: str, outcome: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = metrics_text(url)
     pattern = rf'cxr_triage_model_reloads_total\{{model="{MODEL}",outcome="{outcome}"\}} ([0-9.e+]+)'
     return sum(float(v) for v in re.findall(pattern, text))
 
@@ -241,7 +241,7 @@ def test_a_promotion_that_cannot_load_keeps_the_old_version(server: Server, hot_
         shutil.rmtree(hot_repo.model_dir / corrupt)
     set_serving(server, hot_repo, ServingState(default_version="1"))  # the next change loads again
     assert_made_by(predict(None, server.url).json(), hot_repo, "1")
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = metrics_text(server.url)
     info = re.findall(r'cxr_triage_model_info\{[^}]*version="(\d+)"[^}]*\} ([0-9.]+)', text)
     values = {(version, float(v)) for version, v in info}
     assert ("1", 1.0) in values and ("3", 1.0) not in values, "the gauge names only the served version"

@@ -140,6 +140,14 @@ def test_idle_workers_share_a_light_load(q: JobQueue) -> None:
     assert [j.job_id for j in q.lease(8, "r1/1", lease_s=30)] == [alone]  # nobody idle: all of it
 
 
+def test_a_batch_holds_few_backfill_jobs(q: JobQueue) -> None:
+    archive = [q.submit(job("backfill")).job_id for _ in range(6)]
+    assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == archive[:2]  # backfill_batch = 2
+    live = q.submit(job("routine"), now=time.time() - 1000).job_id  # overdue: ahead of the archive
+    batch = [j.job_id for j in q.lease(8, "w/1", lease_s=30)]
+    assert batch == [live, *archive[2:4]]
+
+
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))

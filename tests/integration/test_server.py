@@ -8,7 +8,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.helpers import chest_u8, dataset_bytes, dicom_bytes, dicom_path, jpeg_bytes, png_bytes
+from tests.helpers import (
+    chest_u8,
+    dataset_bytes,
+    dicom_bytes,
+    dicom_path,
+    jpeg_bytes,
+    metrics_text,
+    png_bytes,
+)
 
 NIH14_FIRST = "Atelectasis"
 
@@ -196,7 +204,7 @@ def test_probes_and_openapi(server: str) -> None:
 def test_metrics_count_requests_batches_and_errors(server: str) -> None:
     post(server, b"junk", "image/png")
     post(server, png_bytes(chest_u8(64)), "image/png")
-    text = httpx.get(f"{server}/metrics", timeout=10).text
+    text = metrics_text(server)
     for name in (
         'cxr_triage_requests_total{method="POST",route="/v1/predict",status="200"}',
         'cxr_triage_errors_total{code="not_an_image"}',
@@ -225,7 +233,7 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
         with cf.ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(lambda _: post(url, body, "image/png").status_code, range(24)))
         assert statuses == [200] * 24
-        text = httpx.get(f"{url}/metrics", timeout=10).text
+        text = metrics_text(url)
 
     def value(pattern: str) -> float:
         return sum(float(m) for m in re.findall(pattern + r" ([0-9.e+]+)", text))

@@ -145,7 +145,7 @@ def test_inference_worker_killed_mid_batch_loses_nothing(exported_repo: Path, tm
             for _ in range(5000):
                 leased = r.zrange("cxr:leases", 0, 0)
                 if leased:
-                    victim = int(r.hget(b"cxr:job:" + leased[0], "worker").split(b":")[-1])
+                    victim = int(r.hget(b"cxr:job:" + leased[0], "worker").split(b"/")[-1])
                     break
                 time.sleep(0.001)
             assert victim is not None, "no batch was ever leased"

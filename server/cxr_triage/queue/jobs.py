@@ -73,9 +73,11 @@ def _payload(blob: bytes | None) -> ModelInput | None:
 
 
 class JobQueue:
-    def __init__(self, client: redis.Redis, max_wait_s: Mapping[str, float]) -> None:
+    def __init__(self, client: redis.Redis, max_wait_s: Mapping[str, float], backfill_batch: int = 2) -> None:
+        """``backfill_batch``: most backfill jobs in one leased batch (live jobs wait less)."""
         self.r = client
         self.max_wait_s = dict(max_wait_s)
+        self.backfill_batch = backfill_batch
         self._submit = client.register_script(scripts.SUBMIT)
         self._lease = client.register_script(scripts.LEASE)
         self._complete = client.register_script(scripts.COMPLETE)
@@ -108,7 +110,7 @@ class JobQueue:
     def lease(self, n: int, worker: str, lease_s: float, now: float | None = None) -> list[LeasedJob]:
         """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds."""
         now = time.time() if now is None else now
-        rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S])
+        rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S, self.backfill_batch])
         out = []
         for job_id, token, blob, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))

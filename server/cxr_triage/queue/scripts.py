@@ -74,10 +74,11 @@ end
 return {1, id}
 """
 
-# ARGV: n, now, lease_s, worker, idle window (s). Returns {job_id, token, payload, {hash...}} per
-# leased job, earliest deadline first. Workers that polled an empty queue within the idle window
-# (cxr:idle, any replica) share what is ready: a worker takes at most ceil(ready / (idle + 1)),
-# so that a light load is spread over idle workers instead of waiting in one worker's batch.
+# ARGV: n, now, lease_s, worker, idle window (s), most backfill jobs per batch. Returns
+# {job_id, token, payload, {hash...}} per leased job, earliest deadline first. Workers that
+# polled an empty queue within the idle window (cxr:idle, any replica) share what is ready: a
+# worker takes at most ceil(ready / (idle + 1)), so that a light load is spread over idle
+# workers instead of waiting in one worker's batch.
 LEASE = """
 local now, window = tonumber(ARGV[2]), tonumber(ARGV[5])
 redis.call('ZREM', 'cxr:idle', ARGV[4])
@@ -86,6 +87,18 @@ local idle = redis.call('ZCARD', 'cxr:idle')
 local n = math.min(tonumber(ARGV[1]), math.ceil(redis.call('ZCARD', 'cxr:queue') / (idle + 1)))
 local ids = {}
 if n > 0 then ids = redis.call('ZRANGE', 'cxr:queue', 0, n - 1) end
+-- A batch holds at most ARGV[6] backfill jobs (the rest wait for the next batch): a live job
+-- arriving meanwhile then waits for a short batch, not a full one of archive studies.
+local max_backfill, backfill = tonumber(ARGV[6]), 0
+for i, id in ipairs(ids) do
+  if redis.call('HGET', 'cxr:job:' .. id, 'priority') == 'backfill' then
+    backfill = backfill + 1
+    if backfill > max_backfill then
+      ids = {unpack(ids, 1, i - 1)}
+      break
+    end
+  end
+end
 local out = {}
 for _, id in ipairs(ids) do
   redis.call('ZREM', 'cxr:queue', id)

@@ -92,7 +92,8 @@ class TriageAPI(ls.LitAPI):
         self.versions.start()
         if not self.settings.redis_url:
             raise NotReady("no Redis URL: build_service sets it before workers start")
-        self.queue = JobQueue(RedisHandle(self.settings.redis_url).client(), self.settings.max_wait_s)
+        client = RedisHandle(self.settings.redis_url).client()
+        self.queue = JobQueue(client, self.settings.max_wait_s, self.settings.backfill_batch)
         self.worker = worker_name(self.settings.replica, os.getpid())
 
     def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
