@@ -8,7 +8,6 @@ scored it. Tickets double as wake-ups: a new one means a new job.
 """
 
 import logging
-import random
 import time
 from queue import Empty
 from typing import Any
@@ -83,10 +82,8 @@ class TriageLoop(LitLoop):
     def _step(self, lit_api: Any, request_queue: Any, transport: Any, waiting: "Waiting") -> bool:
         """One turn: take tickets, re-deliver expired leases, run a batch, answer. False: stop."""
         wait = lit_api.batch_wait()
-        # Idle polls are jittered: replicas on one Redis would otherwise fall into a fixed phase
-        # in which the same one always sees a new job first and scores every job of a light load.
-        idle = IDLE_WAIT_S * random.uniform(0.5, 1.5)
-        if not self._take_tickets(request_queue, transport, waiting, wait if wait is not None else idle):
+        block = wait if wait is not None else IDLE_WAIT_S
+        if not self._take_tickets(request_queue, transport, waiting, block):
             return False
         lit_api.reap_if_due()
         if wait is not None and wait <= 0:
