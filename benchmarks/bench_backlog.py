@@ -47,11 +47,11 @@ from bench_core import (
     cpu_snapshot,
     group_cpu,
     machine_rows,
-    machine_tag,
     other_cores,
     running_server,
     small_pngs,
     testdata,
+    write_report,
 )
 
 INPUTS = {"uncompressed": ("RG1_UNCR.dcm", 7.3e6), "j2k": ("RG1_J2KR.dcm", 4.4e6)}  # file, bytes
@@ -282,11 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = render(phases, load, plan, started)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    dated = plan.out / f"backlog-{machine_tag()}-{started:%Y%m%d}.md"
-    for path in (dated, plan.out / "backlog-latest.md"):
-        path.write_text(text)
-    console.print(f"wrote {dated.relative_to(Path.cwd()) if dated.is_relative_to(Path.cwd()) else dated}")
+    dated, _ = write_report(text, False, started, "backlog", plan.out)
+    console.print(f"wrote {dated}")
 
 
 if __name__ == "__main__":

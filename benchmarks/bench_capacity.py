@@ -38,9 +38,9 @@ from bench_core import (
     console,
     cpu_snapshot,
     machine_rows,
-    machine_tag,
     other_cores,
     running_server,
+    write_report,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: loadtests/
@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.shutdown()
     text = render(cells, load, plan, started)
-    plan.out.mkdir(parents=True, exist_ok=True)
-    dated = plan.out / f"capacity-{machine_tag()}-{started:%Y%m%d}.md"
-    for path in (dated, plan.out / "capacity-latest.md"):
-        path.write_text(text)
-    console.print(f"wrote {dated.relative_to(Path.cwd()) if dated.is_relative_to(Path.cwd()) else dated}")
+    dated, _ = write_report(text, False, started, "capacity", plan.out)
+    console.print(f"wrote {dated}")
 
 
 if __name__ == "__main__":

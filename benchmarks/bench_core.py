@@ -733,11 +733,13 @@ def render(results: Results, config: ModelConfig, plan: Plan, load: float, start
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(text: str, quick: bool, started: datetime, name: str = "core") -> list[Path]:
-    """Write ``<name>-<machine>-<date>[-quick].md`` and ``<name>-latest.md`` (atomically)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_report(
+    text: str, quick: bool, started: datetime, name: str = "core", out: Path = RESULTS
+) -> list[Path]:
+    """Write ``<name>-<machine>-<date>[-quick].md`` and ``<name>-latest.md`` (atomically) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if quick else ""
-    paths = [RESULTS / f"{name}-{machine_tag()}-{started:%Y%m%d}{suffix}.md", RESULTS / f"{name}-latest.md"]
+    paths = [out / f"{name}-{machine_tag()}-{started:%Y%m%d}{suffix}.md", out / f"{name}-latest.md"]
     for path in paths:
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(text)

@@ -94,10 +94,11 @@ def _header_skip_reason(path: Path, modalities: frozenset[str] | None) -> str | 
     """Why a DICOM file is not a radiograph to score, from its header (no pixels read). A header
     that does not parse is not skipped: the service reports what is wrong with the file."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
-    except Exception:
+    except (InvalidDicomError, OSError, EOFError, ValueError):
         return None
     sop_class = str(getattr(ds.file_meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
     if sop_class.startswith(NON_IMAGE_CLASSES):

@@ -336,13 +336,14 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.nda
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _bootstrap_ci(
+def bootstrap_aurocs(
     y: np.ndarray, m: np.ndarray, s: np.ndarray, cols: Sequence[int], resamples: int, seed: int
-) -> dict[int, tuple[float, float]]:
-    """Percentile 95% CIs of the AUROC of columns ``cols``, resampling images with replacement.
+) -> dict[int, np.ndarray]:
+    """The AUROC of each column of ``cols`` in each of ``resamples`` resamples of the images
+    (with replacement); NaN where a resample leaves a label one class.
 
     Each resample is a row of counts (how often each image was drawn), so one sort per label
-    serves every resample; resamples where a label has one class are skipped for that label.
+    serves every resample.
     """
     n = len(y)
     if not cols or not n:
@@ -357,14 +358,25 @@ def _bootstrap_ci(
         for j in cols:
             keep = m[:, j]
             aurocs[j].append(_weighted_auroc(y[keep, j], s[keep, j], counts[:, keep]))
-    cis = {}
-    for j, parts in aurocs.items():
-        values = np.concatenate(parts)
-        values = values[~np.isnan(values)]
-        if len(values):
-            low, high = np.percentile(values, [2.5, 97.5])
-            cis[j] = (float(low), float(high))
-    return cis
+    return {j: np.concatenate(parts) for j, parts in aurocs.items()}
+
+
+def percentile_ci(values: np.ndarray) -> tuple[float, float] | None:
+    """Percentile 95% interval of the finite ``values``; None when there are none."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return (float(low), float(high))
+
+
+def _bootstrap_ci(
+    y: np.ndarray, m: np.ndarray, s: np.ndarray, cols: Sequence[int], resamples: int, seed: int
+) -> dict[int, tuple[float, float]]:
+    """Percentile 95% CIs of the AUROC of columns ``cols``, resampling images with replacement;
+    resamples where a label has one class are skipped for that label."""
+    aurocs = bootstrap_aurocs(y, m, s, cols, resamples, seed)
+    return {j: ci for j, values in aurocs.items() if (ci := percentile_ci(values))}
 
 
 # -- calibration ---------------------------------------------------------------------------------

@@ -20,11 +20,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.metrics import roc_auc_score
 
-from cxr_triage.train.evaluate import _weighted_auroc
+from cxr_triage.train.evaluate import bootstrap_aurocs, percentile_ci
 
 PAPER = {"seen": 0.79, "unseen": 0.66, "harmonic": 0.72}
 """Hayat et al. 2021, Table 1 (ChestX-ray14 test split), for putting a run beside the paper."""
-_CELLS_PER_CHUNK = 4_000_000
 
 
 class TopK(BaseModel):
@@ -238,20 +237,9 @@ def _bootstrap(
     seed: int,
 ) -> dict[str, Any]:
     """Per-label and mean-AUROC percentile 95% CIs from one set of image resamples."""
-    n = len(y)
-    if not cols or not n:
+    values = bootstrap_aurocs(y, m, s, cols, resamples, seed)
+    if not values:
         return {}
-    rng = np.random.default_rng(seed)
-    per: dict[int, list[np.ndarray]] = {j: [] for j in cols}
-    chunk = max(1, _CELLS_PER_CHUNK // n)
-    for first in range(0, resamples, chunk):
-        b = min(chunk, resamples - first)
-        drawn = rng.integers(0, n, size=(b, n))
-        counts = np.bincount((drawn + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        for j in cols:
-            keep = m[:, j]
-            per[j].append(_weighted_auroc(y[keep, j], s[keep, j], counts[:, keep]))
-    values = {j: np.concatenate(parts) for j, parts in per.items()}
     is_unseen = {j: labels[j] in unseen for j in cols}
 
     def mean_of(unseen_side: bool) -> np.ndarray | None:
@@ -263,21 +251,13 @@ def _bootstrap(
             return np.nanmean(np.stack(picked), axis=0)
 
     seen_b, unseen_b = mean_of(False), mean_of(True)
-    out: dict[str, Any] = {"auroc_ci95": {labels[j]: ci for j in cols if (ci := _ci(values[j]))}}
-    out["seen_mean_ci95"] = _ci(seen_b) if seen_b is not None else None
-    out["unseen_mean_ci95"] = _ci(unseen_b) if unseen_b is not None else None
+    out: dict[str, Any] = {"auroc_ci95": {labels[j]: ci for j in cols if (ci := percentile_ci(values[j]))}}
+    out["seen_mean_ci95"] = percentile_ci(seen_b) if seen_b is not None else None
+    out["unseen_mean_ci95"] = percentile_ci(unseen_b) if unseen_b is not None else None
     if seen_b is not None and unseen_b is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["harmonic_ci95"] = _ci(2 * seen_b * unseen_b / (seen_b + unseen_b))
+            out["harmonic_ci95"] = percentile_ci(2 * seen_b * unseen_b / (seen_b + unseen_b))
     return out
-
-
-def _ci(values: np.ndarray) -> tuple[float, float] | None:
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return (float(low), float(high))
 
 
 __all__ = ["PAPER", "GzslReport", "TopK", "gzsl_report", "harmonic", "top_k", "unseen_controls"]
