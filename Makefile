@@ -126,8 +126,9 @@ demo-scale: $(VENV)/.dev
 
 # CXR-ML-GZSL on SYNTHETIC compositional phantoms (16 '<side> <zone> <type>' findings, 4 unseen):
 # train (gamma1 = 0 for 5 epochs: encoders from scratch, see README), evaluate seen / unseen /
-# harmonic AUROC and top-k, register a version. The server does not serve GZSL versions yet,
-# so the version goes to reports/gzsl-synthetic-demo/model_repo, not model_repo/.
+# harmonic AUROC and top-k, register a version in model_repo/gzsl-synthetic-demo: `make serve`
+# then serves it beside DenseNet-121 (?model=gzsl-synthetic-demo), and findings can be added
+# to it at run time (README, "Zero-shot findings").
 GZSL_DATA ?= datasets/gzsl-synthetic
 GZSL_RUN  ?= runs/gzsl-synthetic-demo
 demo-gzsl: $(VENV)/.dev
@@ -135,5 +136,4 @@ demo-gzsl: $(VENV)/.dev
 	$(BIN)/cxr-triage gzsl train --data $(GZSL_DATA) --run-dir $(GZSL_RUN) --epochs 10 --lr 1e-3 \
 	  --image-size 64 --align-warmup-epochs 5 --no-progress
 	$(BIN)/cxr-triage gzsl evaluate $(GZSL_RUN) --bootstrap 1000 --out reports/gzsl-synthetic-demo/report.json
-	$(BIN)/cxr-triage gzsl register $(GZSL_RUN) --model gzsl-synthetic-demo \
-	  --model-repo reports/gzsl-synthetic-demo/model_repo
+	$(BIN)/cxr-triage gzsl register $(GZSL_RUN) --model gzsl-synthetic-demo

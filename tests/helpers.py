@@ -311,3 +311,28 @@ def add_version(
     version = str(max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1)
     staging.rename(model_dir / version)
     return version
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """A tiny random BERT with all-MiniLM-L6-v2's tokenizer, saved as a local Hugging Face
+    folder (the "any encoder given by path" route, e.g. BioBERT): GZSL exports stay fast."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from cxr_triage.train.gzsl.text import resolve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    minilm, _ = resolve("all-MiniLM-L6-v2")
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder

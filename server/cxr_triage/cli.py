@@ -183,6 +183,13 @@ def feedback_export(
         Path, typer.Option(help="folder for Data_Entry_2017.csv, feedback_labels.csv, reports.jsonl")
     ],
     model_repo: Annotated[Path | None, typer.Option(help="model repository (CXR_MODEL_REPO)")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="whose labels are the columns (default: the default model); a zero-shot "
+            "model adds a column per finding added to it at run time"
+        ),
+    ] = None,
 ) -> None:
     """Export stored reports (from CXR_REDIS_URL, or the embedded Redis under CXR_DATA_DIR)."""
     settings = _settings(model_repo=model_repo)
@@ -197,10 +204,18 @@ def feedback_export(
     except CxrError as exc:
         _fail(exc)
         return
-    config = repo.get(None).config
-    store = StudyStore(handle.client(), lambda name: repo.get(name).config.critical_findings)
+    from cxr_triage.queue.findings import FindingStore
+
+    try:
+        entry = repo.get(model)
+    except CxrError as exc:
+        _fail(exc)
+        return
     client = handle.client()
-    rows = export_feedback(store, config.labels, out, JobQueue(client, settings.max_wait_s))
+    added = [f.label for v in entry.versions for f in FindingStore(client).list(entry.name, v)]
+    labels = list(dict.fromkeys([*entry.config.labels, *added]))
+    store = StudyStore(client, lambda name: repo.get(name).config.critical_findings)
+    rows = export_feedback(store, labels, out, JobQueue(client, settings.max_wait_s))
     console.print(f"{rows} image rows from reported studies written to {out}")
 
 

@@ -155,8 +155,16 @@ def register(
         bool, typer.Option("--evaluate/--no-evaluate", help="put the test split's metrics into metadata.json")
     ] = True,
     model_repo: RepoOption = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="seen labels' operating points: this sensitivity on validation")
+    ] = 0.95,
+    critical: Annotated[
+        list[str] | None,
+        typer.Option(help="label that makes a study critical when positive (repeat; new config only)"),
+    ] = None,
 ) -> None:
-    """Export the run's best weights (image + text ONNX, tokenizer, label latents) as a new version."""
+    """Export the run's best weights (image + text ONNX, tokenizer, label latents) as a new version;
+    write the model's config.yaml when the model is new, so the server serves it."""
     _setup_logging()
 
     def go() -> Any:
@@ -167,10 +175,55 @@ def register(
         if evaluate_test:
             report = evaluate_run(run, bootstrap=bootstrap)
             metrics = {"test": report.model_dump(mode="json", exclude={"auroc_ci95"})}
-        return export_run(run, _repo(model_repo) / model, metrics)
+        model_dir = _repo(model_repo) / model
+        result = export_run(run, model_dir, metrics, target_sensitivity=target_sensitivity)
+        config_path = model_dir / "config.yaml"
+        if not config_path.is_file():  # a new model: the config that serves it (edit it at will)
+            import yaml
+
+            from cxr_triage.train.gzsl.config import GzslConfig
+            from cxr_triage.train.gzsl.export import model_config
+
+            cfg = GzslConfig.read(run / "config.yaml")
+            config_path.write_text(yaml.safe_dump(model_config(cfg, model, critical or ()), sort_keys=False))
+            console.print(f"wrote {config_path}: `make serve` serves {model} beside the other models")
+        return result
 
     result = _run(go)
     console.print(
         f"registered {model} version {result.version} at {result.path} "
         f"(worst ONNX-vs-PyTorch difference {max(result.parity.values()):.1e})"
+    )
+
+
+@app.command("operating-point")
+def operating_point(
+    model: Annotated[str, typer.Argument(help="the served gzsl model")],
+    finding: Annotated[str, typer.Argument(help="a finding added to it at run time")],
+    data: Annotated[
+        Path, typer.Option("--data", help="labelled images (feedback export, ChestX-ray14, CheXpert)")
+    ],
+    server: Annotated[str, typer.Option(help="the running service")] = "http://127.0.0.1:8000",
+    split: Annotated[str | None, typer.Option(help="dataset split (default: the layout's default)")] = None,
+    target_sensitivity: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.95,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="CXR_API_KEY", help="if the service asks for one")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="measure and print, set nothing")] = False,
+) -> None:
+    """Measure an added finding's operating point on labelled images, scored by the service, and set it."""
+
+    def go() -> Any:
+        from cxr_triage.train.gzsl.calibrate import measure
+
+        return measure(server, model, finding, data, split, target_sensitivity, api_key, apply=not dry_run)
+
+    measured = _run(go)
+    b = measured.body
+    report_out.print(
+        f"{model} version {measured.version}, {finding}: AUROC {measured.auroc:.3f} on "
+        f"{b['positives']} positive / {b['negatives']} negative images; threshold {measured.threshold:.4g} "
+        f"(sensitivity {b['sensitivity']:.3f}, specificity {b['specificity']:.3f})"
+        + (" - not set (--dry-run)" if dry_run else " - set on the service"),
+        markup=False,
     )

@@ -8,6 +8,10 @@ Priority = Literal["stat", "urgent", "routine", "backfill"]
 PRIORITIES: tuple[Priority, ...] = ("stat", "urgent", "routine", "backfill")
 DICOM_UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # PS3.5 §9.1, at most 64 characters
 UNTRAINED_WARNING = "model weights are untrained: scores are meaningless, not for clinical use"
+ZERO_SHOT_WARNING = (
+    "zero-shot model: a finding's probability is (1 + cosine similarity) / 2, not a calibrated "
+    "probability; findings marked unseen were never trained on"
+)
 SYNTHETIC_WARNING = "model trained on synthetic phantoms, not patients: not for clinical use"
 
 
@@ -29,10 +33,17 @@ class ModelRef(BaseModel):
 
 class FindingOut(BaseModel):
     label: str
-    probability: float = Field(..., ge=0, le=1)
-    threshold: float = Field(..., gt=0, lt=1, description="operating point")
-    positive: bool
+    probability: float = Field(
+        ..., ge=0, le=1, description="classifiers: probability; zero-shot (gzsl) models: (1 + cosine) / 2"
+    )
+    threshold: float | None = Field(
+        ..., gt=0, lt=1, description="operating point; null: none set yet, so the finding is not called"
+    )
+    positive: bool | None = Field(..., description="probability >= threshold; null without a threshold")
     critical: bool = Field(False, description="a positive call on this label makes the study critical")
+    unseen: bool = Field(
+        False, description="zero-shot: the model was never trained on this finding (gzsl models)"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -69,9 +80,15 @@ class VersionOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str
+    type: Literal["classifier", "gzsl"] = Field(
+        "classifier", description="gzsl: zero-shot, findings can be added at POST /v1/models/{name}/findings"
+    )
     description: str
     default: bool
-    labels: list[str]
+    labels: list[str] = Field(..., description="trained labels, in output order")
+    added_findings: list[str] = Field(
+        default_factory=list, description="gzsl: findings added at run time, scored after the labels"
+    )
     critical_findings: list[str]
     input: dict[str, Any]
     versions: list[VersionOut]

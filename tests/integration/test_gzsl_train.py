@@ -19,6 +19,7 @@ import yaml
 
 from cxr_triage.engines.gzsl import GzslEngine
 from cxr_triage.imaging import to_batch
+from cxr_triage.repository import ModelRepository
 from cxr_triage.train.datasets import ImageDataset
 from cxr_triage.train.gzsl.config import GzslConfig
 from cxr_triage.train.gzsl.evaluate import evaluate_version
@@ -108,6 +109,16 @@ def test_register_and_the_exported_engines_agree_with_torch(run: Path, data: Pat
     assert meta["weights"] == "trained" and "SYNTHETIC" in meta["data"]
     assert set(meta["metrics"]["test"]) >= {"seen_mean", "unseen_mean", "harmonic", "topk"}
     assert max(v for k, v in meta["parity"].items() if k.endswith("max_abs_diff")) <= 1e-4
+    # Operating points for seen labels only, chosen on validation on the served (1 + cos) / 2 scale.
+    assert set(meta["thresholds"]) <= set(meta["gzsl"]["seen"]) and meta["thresholds"]
+    assert all(p["chosen_on"] == "validation" for p in meta["operating_points"].values())
+    # A new model gets the config.yaml that serves it, and the repository accepts it as gzsl.
+    served_repo = ModelRepository.load(repo, default_model="gzsl-test")
+    assert served_repo.get("gzsl-test").config.type == "gzsl"
+    assert (
+        served_repo.get("gzsl-test").latest.metadata.thresholds_for(served_repo.get("gzsl-test").config)
+        == (meta["thresholds"])
+    )
 
     engine = GzslEngine(version, preference="cpu")
     cfg, model = load_run(run)

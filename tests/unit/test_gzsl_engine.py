@@ -21,8 +21,9 @@ from cxr_triage.repository.models import VersionMetadata
 from cxr_triage.train.gzsl.config import GzslConfig
 from cxr_triage.train.gzsl.export import export_model
 from cxr_triage.train.gzsl.model import ImageTower, TextTower
-from cxr_triage.train.gzsl.text import TextEncoder, resolve, tokenize
+from cxr_triage.train.gzsl.text import TextEncoder, tokenize
 from cxr_triage.train.gzsl.trainer import build_model
+from tests.helpers import save_tiny_bert
 
 SIZE = 32
 LABELS = ("Atelectasis", "Effusion", "Pleural_Thickening", "Edema")
@@ -31,23 +32,7 @@ NEW = (("Hernia", None), ("Pleural thickening", "thickened pleura along the late
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(folder)
-    minilm, _ = resolve("all-MiniLM-L6-v2")
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm / name, folder / name)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

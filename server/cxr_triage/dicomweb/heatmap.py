@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from cxr_triage.triage.scoring import strength
+
 
 def top_finding(prediction: Mapping[str, Any]) -> tuple[int, str]:
     """Index and label of the finding that placed the image: a positive critical one first,
@@ -23,7 +25,7 @@ def top_finding(prediction: Mapping[str, Any]) -> tuple[int, str]:
 
     def key(i: int) -> tuple[bool, bool, float]:
         f = findings[i]
-        return (f["positive"] and f.get("critical", False), f["positive"], f["probability"] / f["threshold"])
+        return (bool(f["positive"]) and f.get("critical", False), bool(f["positive"]), strength(f))
 
     best = max(range(len(findings)), key=key)
     return best, findings[best]["label"]

@@ -84,14 +84,17 @@ def _score_items(result: Mapping[str, Any]) -> list[Dataset]:
 
 def _finding(finding: Mapping[str, Any]) -> Dataset:
     item = hd.sr.ContainerContentItem(name=_code(finding["label"]), relationship_type=RELATION)
-    call = "positive" if finding["positive"] else "negative"
-    item.ContentSequence = DicomSequence(
-        [
-            _num("probability", "Probability", finding["probability"]),
-            _num("operating-point", "Operating point", finding["threshold"]),
-            hd.sr.CodeContentItem(_code("call", "Call"), _code(call), RELATION),
-        ]
-    )
+    # A zero-shot finding without an operating point is reported with its score, and no call.
+    call = {True: "positive", False: "negative", None: "not-called"}[finding["positive"]]
+    content = [_num("probability", "Probability", finding["probability"])]
+    if finding["threshold"] is not None:
+        content.append(_num("operating-point", "Operating point", finding["threshold"]))
+    content.append(hd.sr.CodeContentItem(_code("call", "Call"), _code(call), RELATION))
+    if finding.get("unseen"):
+        content.append(
+            hd.sr.TextContentItem(_code("zero-shot", "Zero-shot"), "not trained on this finding", RELATION)
+        )
+    item.ContentSequence = DicomSequence(content)
     return item
 
 

@@ -37,6 +37,15 @@ def label_text(name: str, description: str | None = None) -> str:
     return f"{words}: {description.strip()}" if description and description.strip() else words
 
 
+def to_probability(cosines: np.ndarray) -> np.ndarray:
+    """Cosine similarities in [-1, 1] onto the 0-1 scale results report: (1 + cos) / 2.
+
+    Monotone, so rankings and AUROC are the cosines'; not a calibrated probability, which is
+    why operating points for these scores are chosen on labelled data.
+    """
+    return np.clip((1.0 + np.asarray(cosines, dtype=np.float32)) / 2.0, 0.0, 1.0)
+
+
 def scores(latents: np.ndarray, label_latents: np.ndarray) -> np.ndarray:
     """Cosine similarities (N, L) of image latents (N, d) and label latents (L, d), float32.
 
@@ -65,7 +74,9 @@ class GzslEngine:
         preference: Backend = "auto",
         intra_op_threads: int = 0,
         verify: bool = True,
+        image: bool = True,
     ) -> None:
+        """``image=False``: only the text tower (what adding a finding needs), no image engine."""
         self.path = Path(version_dir)
         meta_path = self.path / METADATA_FILE
         if not meta_path.is_file():
@@ -97,10 +108,14 @@ class GzslEngine:
                 f"{self.path.name}: {spec['label_latents']} has {self.label_latents.shape[0]} rows "
                 f"for {len(self.labels)} labels"
             )
-        self._image = OnnxEngine(self.path / spec["image_engine"]["file"], preference, intra_op_threads)
+        self._image = (
+            OnnxEngine(self.path / spec["image_engine"]["file"], preference, intra_op_threads)
+            if image
+            else None
+        )
         self._text = _session(self.path / spec["text_engine"]["file"], preference, intra_op_threads)
         self._tokenizer = Tokenizer.from_file(str(self.path / spec["tokenizer"]))
-        self.backend = self._image.backend
+        self.backend = self._image.backend if self._image is not None else "text-only"
 
     @property
     def latent_dim(self) -> int:
@@ -108,6 +123,8 @@ class GzslEngine:
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) float32 model input -> (N, d) unit-length image latents."""
+        if self._image is None:
+            raise RuntimeError("this GzslEngine was loaded without its image tower (image=False)")
         return self._image.run(np.ascontiguousarray(batch, dtype=np.float32))
 
     def encode_text(

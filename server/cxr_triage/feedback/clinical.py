@@ -35,7 +35,8 @@ def clinical_window(pairs: Iterable[tuple[Mapping[str, bool], Mapping[str, Any]]
     """``pairs``: (reported labels, study result) of each reported, scored study."""
     window = ClinicalWindow()
     for labels, result in pairs:
-        called = {f["label"]: bool(f["positive"]) for f in result["findings"]}
+        # a finding without an operating point makes no call: nothing to count
+        called = {f["label"]: bool(f["positive"]) for f in result["findings"] if f["positive"] is not None}
         window.studies += 1
         for label, truth in labels.items():
             if label not in called:

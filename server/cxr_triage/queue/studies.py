@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from cxr_triage.queue.jobs import _text
+from cxr_triage.triage.scoring import strength
 from cxr_triage.triage.study import combine
 from cxr_triage.triage.worklist import rank
 
@@ -90,7 +91,7 @@ class StudyStore:
             return {"status": "unscored", "error": outcome.get("error")}
         if not outcome:
             return {"status": "queued"}
-        top = sorted(outcome["findings"], key=lambda f: -f["probability"] / f["threshold"])[:3]
+        top = sorted(outcome["findings"], key=strength, reverse=True)[:3]
         return {
             "status": "scored",
             "triage": outcome["triage"],

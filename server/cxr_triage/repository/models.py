@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Weights = Literal["trained", "imported", "untrained"]
+ModelType = Literal["classifier", "gzsl"]
 CONFIG_FILE = "config.yaml"
 METADATA_FILE = "metadata.json"
 ENGINE_FILES = {"onnx": "model.onnx"}
@@ -61,6 +62,11 @@ class ModelConfig(_Strict):
     """``config.yaml`` of one model. ``name`` must equal the folder name."""
 
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    type: ModelType = Field(
+        "classifier",
+        description="classifier: one ONNX engine giving a probability per label; gzsl: CXR-ML-GZSL "
+        "(image and text encoders, scores are cosines to label latents, findings can be added at run time)",
+    )
     description: str = ""
     architecture: str = Field(..., description="timm model name used by the exporter")
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -68,7 +74,11 @@ class ModelConfig(_Strict):
     labels: tuple[str, ...] = Field(..., min_length=1, description="in the engine's output order")
     input: InputSpec
     batching: BatchingSpec = BatchingSpec()
-    thresholds: dict[str, float] = Field(..., description="per-label operating point, 0-1")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-label operating point, 0-1; every label of a classifier needs one, a gzsl "
+        "label without one (an unseen finding) is scored but not called",
+    )
     critical_findings: tuple[str, ...] = ()
     heatmap: Literal["none", "cam"] = Field(
         "none", description="cam: the engine also outputs class activation maps (CNNs with a linear head)"
@@ -91,7 +101,7 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _thresholds_and_critical(self) -> "ModelConfig":
-        missing = [x for x in self.labels if x not in self.thresholds]
+        missing = [x for x in self.labels if x not in self.thresholds and self.type == "classifier"]
         unknown = [x for x in self.thresholds if x not in self.labels]
         if missing or unknown:
             raise ValueError(
@@ -110,6 +120,8 @@ class ModelConfig(_Strict):
         stray = [x for x in self.critical_findings if x not in self.labels]
         if stray:
             raise ValueError(f"critical_findings must be labels of the model; unknown {stray}")
+        if self.type == "gzsl" and self.heatmap != "none":
+            raise ValueError("gzsl models give no class activation maps; set heatmap: none")
         return self
 
 
@@ -148,6 +160,7 @@ class VersionMetadata(BaseModel):
     )
 
     def thresholds_for(self, config: "ModelConfig") -> dict[str, float]:
-        """Per-label thresholds this version is scored with: its own, else the config's."""
-        own = self.thresholds or {}
-        return {label: own.get(label, config.thresholds[label]) for label in config.labels}
+        """Per-label thresholds this version is scored with: its own, else the config's (a gzsl
+        label with neither has no operating point and is left out)."""
+        own = {**config.thresholds, **(self.thresholds or {})}
+        return {label: own[label] for label in config.labels if label in own}

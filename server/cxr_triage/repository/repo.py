@@ -160,11 +160,41 @@ def _load_version(
             f"{list(config.labels)}; restore the config or export a new version"
         )
     entry = VersionEntry(version=folder.name, path=folder, metadata=metadata)
+    if config.type == "gzsl":
+        problems.extend(f"{where}/: {p}" for p in check_gzsl(entry, config))
+        return entry
     if not entry.engine_path.is_file():
         problems.append(f"{where}/: engine file {metadata.engine.file} is missing; re-export this version")
     elif check_engines:
         problems.extend(f"{where}/{metadata.engine.file}: {p}" for p in check_onnx(entry.engine_path, config))
     return entry
+
+
+def check_gzsl(entry: VersionEntry, config: ModelConfig) -> list[str]:
+    """Check a CXR-ML-GZSL version folder against its config (the files' SHA-256 are checked
+    when a worker loads it); return the problems."""
+    extra = entry.metadata.model_extra or {}
+    spec = extra.get("gzsl")
+    if extra.get("model_type") != "gzsl" or not isinstance(spec, dict):
+        return [
+            f"config.yaml says type: gzsl but {METADATA_FILE} is not a GZSL export; register it with "
+            "`cxr-triage gzsl register`"
+        ]
+    problems = []
+    if tuple(spec.get("labels", ())) != config.labels:
+        problems.append(
+            f"exported with labels {spec.get('labels')} but config.yaml lists {list(config.labels)}; "
+            "restore the config or register a new version"
+        )
+    size = (spec.get("input") or {}).get("size")
+    if size != config.input.size:
+        problems.append(f"exported for {size} px input but config.yaml says input.size {config.input.size}")
+    files = [spec.get("image_engine", {}).get("file"), spec.get("text_engine", {}).get("file")]
+    files += [spec.get("tokenizer"), spec.get("label_latents")]
+    missing = [f for f in files if not f or not (entry.path / f).is_file()]
+    if missing:
+        problems.append(f"files {missing} are missing; register this version again")
+    return problems
 
 
 def check_onnx(path: Path, config: ModelConfig) -> list[str]:

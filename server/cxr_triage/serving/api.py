@@ -28,6 +28,7 @@ from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
+from cxr_triage.queue.findings import FindingStore
 from cxr_triage.repository import BatchingSpec, ModelRepository
 from cxr_triage.schemas import PredictResponse
 from cxr_triage.serving.intake import Ticket, read_upload
@@ -94,6 +95,7 @@ class TriageAPI(ls.LitAPI):
             raise NotReady("no Redis URL: build_service sets it before workers start")
         client = RedisHandle(self.settings.redis_url).client()
         self.queue = JobQueue(client, self.settings.max_wait_s, self.settings.backfill_batch)
+        self.added = FindingStore(client)
         self.worker = worker_name(self.settings.replica, os.getpid())
 
     def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
@@ -212,6 +214,8 @@ class TriageAPI(ls.LitAPI):
     def _score_group(self, name: str, model: LoadedModel | None, jobs: list[LeasedJob]) -> list[Outcome]:
         if model is None:
             return [NotReady(f"model {name} is not loaded by this worker") for _ in jobs]
+        if model.zero_shot:  # outside the bisection: a Redis error is the loop's, not the images'
+            self._refresh_added(model)
         try:
             probs, infer_s = self._run(model, jobs)
         except Exception:  # bisect: find the input that breaks the engine, score the others
@@ -229,6 +233,14 @@ class TriageAPI(ls.LitAPI):
             log.exception("could not build the result of job %s", job.job_id)
             return CxrError(f"the result could not be built ({type(exc).__name__}); it is logged")
 
+    def _refresh_added(self, model: LoadedModel) -> None:
+        """A zero-shot version scores the findings added to it up to now (one Redis GET per
+        batch; the findings themselves are read again only when they changed)."""
+        revision = self.added.revision()
+        if revision != model.added_revision:
+            name, version = model.key
+            model.set_added(self.added.list(name, version), revision)
+
     def _run(self, model: LoadedModel, jobs: list[LeasedJob]) -> tuple[Any, float]:
         if any(job.input is None for job in jobs):
             raise ValueError("a job's payload is missing")
@@ -236,9 +248,9 @@ class TriageAPI(ls.LitAPI):
             [job.input.pixels for job in jobs if job.input is not None], model.entry.config.input
         )
         t0 = time.perf_counter()
-        probs, cams = model.engine.run_with_heatmaps(tensor)
+        probs, cams = model.run(tensor)
         elapsed = time.perf_counter() - t0
-        expected = (len(jobs), len(model.entry.config.labels))
+        expected = (len(jobs), len(model.labels))
         if probs.shape != expected or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
             raise ValueError(f"engine output {probs.shape} is not {expected} probabilities in 0-1")
         ref = model.ref
@@ -253,12 +265,10 @@ class TriageAPI(ls.LitAPI):
         self, model: LoadedModel, job: LeasedJob, probs: Any, infer_s: float, batch: int
     ) -> dict[str, Any]:
         config = model.entry.config
-        findings = score_findings(config.labels, probs, model.thresholds)
+        findings = score_findings(model.labels, probs, model.thresholds, model.unseen)
         queue_s = max(0.0, float(job.fields["leased_at"]) - float(job.fields["enqueued_at"]))
         metrics.QUEUE_WAIT_SECONDS.labels(job.fields["priority"]).observe(queue_s)
-        warnings = list(job.input.warnings) if job.input else []
-        if model.warning:
-            warnings.insert(0, model.warning)
+        warnings = [*model.warnings, *(job.input.warnings if job.input else [])]
         return {
             "request_id": job.fields["request_id"],
             "job_id": job.job_id,

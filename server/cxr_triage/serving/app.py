@@ -25,11 +25,13 @@ from cxr_triage.dicomweb.stow import build_stow_router
 from cxr_triage.errors import RepositoryError
 from cxr_triage.observability import tracing
 from cxr_triage.queue import JobQueue, RedisHandle, connect
+from cxr_triage.queue.findings import FindingStore
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import provenance_warning
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.auth import ApiKeyMiddleware
+from cxr_triage.serving.finding_routes import build_finding_router
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
 from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, new_drain_event
@@ -173,6 +175,7 @@ def build_service(settings: Settings) -> Service:
     app.state.intake = intake
     app.include_router(build_router(intake, studies, lambda: _workers_problem(server), drain.is_set))
     app.include_router(build_study_router(intake, studies))
+    app.include_router(build_finding_router(intake, FindingStore(client)))
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)
     install_request_metrics(app)

@@ -13,6 +13,7 @@ from cxr_triage.errors import NotReady
 from cxr_triage.feedback.clinical import clinical_window
 from cxr_triage.observability import metrics
 from cxr_triage.observability.logging import REQUEST_ID, request_id_for
+from cxr_triage.queue.findings import FindingStore
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import VersionEntry
 from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
@@ -98,9 +99,14 @@ def list_models(intake: Intake) -> ModelsResponse:
             _version_out(v, split.get(v.version), backend)
             for v in sorted(entry.versions.values(), key=lambda v: int(v.version))
         ]
+        added: list[str] = []
+        if entry.config.type == "gzsl" and entry.name in intake.served and split:
+            added = [f.label for f in FindingStore(intake.queue.r).list(entry.name, next(iter(split)))]
         out.append(
             ModelOut(
                 name=entry.name,
+                type=entry.config.type,
+                added_findings=added,
                 description=entry.config.description,
                 default=entry.name == intake.repository.default_model,
                 labels=list(entry.config.labels),

@@ -5,13 +5,27 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from cxr_triage.errors import BadRequest, StudyNotFound
+from cxr_triage.queue.findings import FindingStore
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.schemas import ErrorResponse, Priority, ReportIn, StudyAccepted
 from cxr_triage.serving.intake import _MODEL_QUERY, _PRIORITY_QUERY, Intake
+from cxr_triage.serving.reload import traffic_split
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)
 }
+
+
+def added_labels(intake: Intake) -> set[str]:
+    """Findings added at run time to the served zero-shot models (any serving version)."""
+    store = FindingStore(intake.queue.r)
+    return {
+        f.label
+        for name in intake.served
+        if (entry := intake.repository.get(name)).config.type == "gzsl"
+        for version in traffic_split(entry, intake.pinned.get(name))
+        for f in store.list(name, version)
+    }
 
 
 def build_study_router(intake: Intake, studies: StudyStore) -> APIRouter:
@@ -56,6 +70,7 @@ def build_study_router(intake: Intake, studies: StudyStore) -> APIRouter:
         if not studies.exists(study_uid):
             raise StudyNotFound(f"no study {study_uid!r} was submitted here")
         known = {label for name in intake.served for label in intake.repository.get(name).config.labels}
+        known |= added_labels(intake)
         unknown = sorted(set(body.labels) - known)
         if unknown:
             raise BadRequest(f"unknown labels {unknown}; use the model labels listed by GET /v1/models")

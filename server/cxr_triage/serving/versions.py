@@ -7,15 +7,17 @@ batches; if they do not load, the old ones keep serving (no restart, no failed r
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cxr_triage.config import Settings
 from cxr_triage.engines import Engine, OnnxEngine
+from cxr_triage.engines.gzsl import GzslEngine, to_probability
 from cxr_triage.errors import RepositoryError
 from cxr_triage.observability import metrics
+from cxr_triage.queue.findings import AddedFinding, latents_of
 from cxr_triage.repository import (
     Canary,
     ModelConfig,
@@ -24,16 +26,20 @@ from cxr_triage.repository import (
     VersionEntry,
     goes_to_canary,
 )
-from cxr_triage.schemas import provenance_warning
+from cxr_triage.schemas import ZERO_SHOT_WARNING, provenance_warning
 from cxr_triage.serving.reload import ServingWatch, read_serving, serving_versions
 
 log = logging.getLogger(__name__)
 
 
 class LoadedModel:
-    """One version of a model with its engine, and what its results say and are scored with."""
+    """One version of a model with its engine, and what its results say and are scored with.
 
-    def __init__(self, entry: ModelEntry, version: VersionEntry, engine: Engine) -> None:
+    A zero-shot (gzsl) version scores its trained labels and the findings added to it at run
+    time (``set_added``), from the latents of both; a classifier scores its engine's outputs.
+    """
+
+    def __init__(self, entry: ModelEntry, version: VersionEntry, engine: Engine | GzslEngine) -> None:
         self.entry, self.version, self.engine = entry, version, engine
         self.ref = {
             "name": entry.name,
@@ -41,8 +47,38 @@ class LoadedModel:
             "backend": engine.backend,
             "weights": version.metadata.weights,
         }
-        self.thresholds = version.metadata.thresholds_for(entry.config)
-        self.warning = provenance_warning(version.metadata.weights, version.metadata.data)
+        self._own_thresholds = version.metadata.thresholds_for(entry.config)
+        self.thresholds: dict[str, float] = dict(self._own_thresholds)
+        self.labels: tuple[str, ...] = entry.config.labels
+        self._own_unseen = frozenset(engine.unseen) if isinstance(engine, GzslEngine) else frozenset()
+        self.unseen = self._own_unseen
+        self.added: tuple[AddedFinding, ...] = ()
+        self.added_revision = -1  # the FindingStore revision ``added`` was read at; -1: never
+        self._latents = engine.label_latents if isinstance(engine, GzslEngine) else None
+        warning = provenance_warning(version.metadata.weights, version.metadata.data)
+        self.warnings = [w for w in (warning, ZERO_SHOT_WARNING if self.zero_shot else None) if w]
+
+    @property
+    def zero_shot(self) -> bool:
+        return isinstance(self.engine, GzslEngine)
+
+    def set_added(self, findings: Sequence[AddedFinding], revision: int) -> None:
+        """Score these run-time findings after the trained labels from the next batch on."""
+        if not isinstance(self.engine, GzslEngine):
+            raise TypeError(f"{self.entry.name} is not a zero-shot model; findings cannot be added")
+        extra = latents_of(findings, self.engine.latent_dim)
+        self._latents = np.vstack([self.engine.label_latents, extra])
+        self.added, self.added_revision = tuple(findings), revision
+        self.labels = self.entry.config.labels + tuple(f.label for f in findings)
+        self.unseen = self._own_unseen | {f.label for f in findings}
+        self.thresholds = dict(self._own_thresholds)
+        self.thresholds.update({f.label: f.threshold for f in findings if f.threshold is not None})
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-label scores in 0-1 (N, len(labels)) and class activation maps where the model has them."""
+        if isinstance(self.engine, GzslEngine):
+            return to_probability(self.engine.score_images(batch, self._latents)), None
+        return self.engine.run_with_heatmaps(batch)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -177,8 +213,13 @@ class ServedVersions:
             for model in route.loaded():
                 if model.key == (entry.name, version.version) and model.version == version:
                     return LoadedModel(entry, version, model.engine)
-        engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
-        warm_up(engine, entry.config)
+        engine: Engine | GzslEngine
+        if entry.config.type == "gzsl":
+            engine = GzslEngine(version.path, self.settings.backend, self.settings.intra_op_threads)
+            warm_up_gzsl(engine, entry.config)
+        else:
+            engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
+            warm_up(engine, entry.config)
         weights = version.metadata.weights
         log.info(
             "loaded %s version %s on %s (weights: %s)", entry.name, version.version, engine.backend, weights
@@ -206,6 +247,19 @@ def warm_up(engine: Engine, config: ModelConfig) -> None:
         raise RepositoryError(
             f"the engine gives {probs.shape[1:]} outputs per image but config.yaml lists "
             f"{len(config.labels)} labels; re-export this version"
+        )
+
+
+def warm_up_gzsl(engine: GzslEngine, config: ModelConfig) -> None:
+    """A blank image through the image tower and one name through the text tower: both must
+    give latents of the stored label latents' size."""
+    spec = config.input
+    image = engine.encode_images(np.zeros((1, spec.channels, spec.size, spec.size), np.float32))
+    text = engine.encode_text(["warm up"])
+    if image.shape != (1, engine.latent_dim) or text.shape != (1, engine.latent_dim):
+        raise RepositoryError(
+            f"the GZSL towers give latents {image.shape[1:]} (image) and {text.shape[1:]} (text) but "
+            f"the label latents are {engine.latent_dim}-d; register this version again"
         )
 
 

@@ -13,11 +13,25 @@ from cxr_triage.triage.scoring import abnormality_score, findings_out, score_fin
 
 
 def combine(results: Sequence[dict[str, Any]], critical: Sequence[str]) -> dict[str, Any]:
-    """Study-level findings, score and triage class from per-image results of one model."""
-    labels = [f["label"] for f in results[0]["findings"]]
-    thresholds = {f["label"]: f["threshold"] for f in results[0]["findings"]}
-    best = [max(r["findings"][i]["probability"] for r in results) for i in range(len(labels))]
-    findings = score_findings(labels, best, thresholds)
+    """Study-level findings, score and triage class from per-image results of one model.
+
+    Labels are matched by name: a zero-shot finding added between two images of a study is
+    combined over the images that have it. The latest result's operating points apply.
+    """
+    labels: dict[str, None] = {}
+    thresholds: dict[str, float | None] = {}
+    unseen: set[str] = set()
+    best: dict[str, float] = {}
+    for result in results:
+        for f in result["findings"]:
+            label = f["label"]
+            labels.setdefault(label)
+            thresholds[label] = f["threshold"]
+            if f.get("unseen"):
+                unseen.add(label)
+            best[label] = max(best.get(label, 0.0), float(f["probability"]))
+    order = list(labels)
+    findings = score_findings(order, [best[x] for x in order], thresholds, unseen)
     return {
         "findings": findings_out(findings, critical),
         "abnormality_score": abnormality_score(findings),

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_triage.triage.scoring import strength
+
 _TIER = {"critical": 2.0, "abnormal": 1.0, "normal": 0.0}
 UNSCORED_PLACE = 1.5
 AGING_SPAN = 3.0
@@ -29,8 +31,9 @@ def place_reason(result: Mapping[str, Any]) -> str:
     positives = [f for f in result["findings"] if f["positive"]]
     if result["triage"] == "critical":
         positives = [f for f in positives if f.get("critical")]
-    top = max(positives or result["findings"], key=lambda f: f["probability"] / f["threshold"])
-    finding = f"{top['label']} {top['probability']:.2f} (operating point {top['threshold']:.2f})"
+    top = max(positives or result["findings"], key=strength)
+    point = "no operating point" if top["threshold"] is None else f"operating point {top['threshold']:.2f}"
+    finding = f"{top['label']} {top['probability']:.2f} ({point})"
     if result["triage"] == "critical":
         return f"critical finding: {finding}"
     if result["triage"] == "abnormal":

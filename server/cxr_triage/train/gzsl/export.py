@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from cxr_triage.train.export import DEFAULT_TOLERANCE, OPSET, _source_commit
 from cxr_triage.train.gzsl.config import GzslConfig
 from cxr_triage.train.gzsl.model import GzslModel, ImageTower, TextTower
 from cxr_triage.train.gzsl.text import TextEncoder, label_text, tokenize
-from cxr_triage.train.gzsl.trainer import input_spec, label_texts, load_run
+from cxr_triage.train.gzsl.trainer import input_spec, label_texts, load_run, validation_operating_points
 
 log = logging.getLogger(__name__)
 MODEL_TYPE = "gzsl"
@@ -62,8 +63,10 @@ def export_run(
     model_dir: Path,
     metrics: dict[str, Any] | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    target_sensitivity: float = 0.95,
 ) -> GzslExport:
-    """Register a finished run's best weights as a new version of ``model_dir``.
+    """Register a finished run's best weights as a new version of ``model_dir``, with operating
+    points for its seen labels chosen on validation at ``target_sensitivity``.
 
     Raises:
         ExportError: the text encoder no longer gives the run's label embeddings, or ONNX
@@ -86,10 +89,34 @@ def export_run(
         f"{data['val']['images']} validation; run {run_dir.name}"
     )
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    points = validation_operating_points(run_dir, target_sensitivity)
     extra = {
-        "training": {"run": run_dir.name, "best_epoch": run.get("best_epoch"), "epochs": run.get("epochs")}
+        "training": {"run": run_dir.name, "best_epoch": run.get("best_epoch"), "epochs": run.get("epochs")},
+        "thresholds": {label: p.threshold for label, p in points.items()},
+        "operating_points": {label: p.model_dump(mode="json") for label, p in points.items()},
     }
     return export_model(cfg, model, text, model_dir, "trained", note, metrics, tolerance, extra)
+
+
+def model_config(cfg: GzslConfig, name: str, critical: Sequence[str] = ()) -> dict[str, Any]:
+    """The config.yaml of a new gzsl model in the repository: what the server needs to serve
+    the versions ``cfg`` trains (operating points come with each version)."""
+    spec = input_spec(cfg.image_size)
+    return {
+        "name": name,
+        "type": MODEL_TYPE,
+        "description": f"CXR-ML-GZSL ({cfg.architecture} + {Path(cfg.text_encoder).name}); zero-shot: "
+        "findings can be added by name at run time",
+        "architecture": cfg.architecture,
+        "label_set": "gzsl",
+        "labels": list(cfg.labels),
+        "input": spec.model_dump(mode="json"),
+        "batching": {"max_batch_size": 8, "batch_timeout_ms": 10},
+        "thresholds": {},
+        "critical_findings": [x for x in critical if x in cfg.labels],
+        "heatmap": "none",
+        "default": False,
+    }
 
 
 def export_model(

@@ -25,8 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cxr_triage.engines.gzsl import to_probability
 from cxr_triage.repository.models import InputSpec
 from cxr_triage.train.datasets import ImageDataset, LabeledSet, split_by_patient
+from cxr_triage.train.evaluate import OperatingPoint, choose_operating_points
 from cxr_triage.train.gzsl.config import GzslConfig
 from cxr_triage.train.gzsl.losses import Terms, objective
 from cxr_triage.train.gzsl.metrics import GzslReport, gzsl_report
@@ -337,6 +339,20 @@ def evaluate_run(run_dir: Path, data: Path | None = None, bootstrap: int = 1000,
         seed=seed,
         dataset=_describe(test, source),
         model=f"GZSL run {run_dir.name}",
+    )
+
+
+def validation_operating_points(run_dir: Path, target_sensitivity: float = 0.95) -> dict[str, OperatingPoint]:
+    """Operating points for the seen labels, chosen on the run's own validation split (rebuilt
+    as training built it) on the served scale, (1 + cosine) / 2. Unseen labels get none: their
+    images never reach validation, so no labelled data exists to choose one on."""
+    cfg, model = load_run(run_dir)
+    kept = drop_unseen(load_split(Path(cfg.data), "train"), cfg.unseen)
+    _, val = split_by_patient(kept, cfg.val_fraction, seed=cfg.seed)
+    scores, targets, mask = score(model, ImageDataset(val, cfg.labels, input_spec(cfg.image_size)))
+    seen = np.asarray([x not in cfg.unseen for x in cfg.labels])
+    return choose_operating_points(
+        targets, mask & seen, to_probability(scores), cfg.labels, target_sensitivity, "validation"
     )
 
 

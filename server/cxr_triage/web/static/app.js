@@ -298,10 +298,11 @@ function findingsSummary(row) {
   }
   if (row.status !== 'scored') return el('span', { class: 'muted', text: 'Waiting to be scored' });
   return el('span', { class: 'top-findings' }, row.top_findings.map((f) => {
-    const positive = f.probability >= f.threshold;
+    const positive = f.positive === true;
+    const point = f.threshold === null ? 'no op' : `${positive ? '≥' : '<'} op ${f.threshold.toFixed(2)}`;
     return el('span', { class: positive ? 'tf positive' : 'tf' },
       el('span', { class: 'tf-mark', 'aria-hidden': 'true', text: positive ? '+' : '·' }),
-      `${f.label} ${f.probability.toFixed(2)} ${positive ? '≥' : '<'} op ${f.threshold.toFixed(2)}`);
+      `${f.label}${f.unseen ? ' (zero-shot)' : ''} ${f.probability.toFixed(2)} ${point}`);
   }));
 }
 
@@ -499,7 +500,7 @@ function renderStudyError(err) {
 function findingsOf(open) {
   const result = open.study && open.study.result;
   if (result) {
-    return [...result.findings].sort((a, b) => b.probability / b.threshold - a.probability / a.threshold);
+    return [...result.findings].sort((a, b) => strength(b) - strength(a));
   }
   const model = defaultModel();
   return (model ? model.labels : []).map((label) => ({
@@ -639,15 +640,26 @@ function findingsPanel(open) {
     list, free, submit);
 }
 
+// How far a finding is toward its operating point (the server's triage.scoring.margin); a
+// finding without one (zero-shot, added at run time) sorts after every called finding.
+function strength(f) {
+  if (f.threshold === null || f.probability === null) return 0;
+  const p = f.probability, t = f.threshold;
+  return p < t ? 0.5 * p / t : 0.5 + 0.5 * (p - t) / (1 - t);
+}
+
 function findingRow(open, f, index) {
   const digit = index < 9 ? String(index + 1) : index === 9 ? '0' : '';
   const scored = f.probability !== null;
+  const hasOp = scored && f.threshold !== null;
   const bar = el('div', {
     class: 'bar', role: 'img',
-    'aria-label': scored ? `probability ${f.probability.toFixed(2)}, operating point ${f.threshold.toFixed(2)}` : 'not scored',
+    'aria-label': !scored ? 'not scored' : hasOp
+      ? `probability ${f.probability.toFixed(2)}, operating point ${f.threshold.toFixed(2)}`
+      : `score ${f.probability.toFixed(2)}, no operating point`,
   }, el('div', { class: 'bar-fill' }), el('div', { class: 'bar-op' }));
-  if (scored) {
-    bar.firstChild.style.width = `${(f.probability * 100).toFixed(1)}%`;
+  if (scored) bar.firstChild.style.width = `${(f.probability * 100).toFixed(1)}%`;
+  if (hasOp) {
     bar.lastChild.style.left = `${(f.threshold * 100).toFixed(1)}%`;
   } else {
     bar.lastChild.hidden = true;
@@ -656,10 +668,11 @@ function findingRow(open, f, index) {
     el('span', { class: 'f-key', text: digit, title: digit ? `key ${digit}` : '' }),
     el('button', { type: 'button', class: 'f-name', title: 'Show the heatmap of this finding',
       onclick: () => { open.heatLabel = f.label; showHeat(); updateMarks(); } },
-    f.label, f.critical ? el('span', { class: 'crit', title: 'critical finding', text: ' ◆' }) : null),
+    f.label, f.critical ? el('span', { class: 'crit', title: 'critical finding', text: ' ◆' }) : null,
+    f.unseen ? el('span', { class: 'zero-shot', title: 'zero-shot: the model was never trained on this finding', text: ' zero-shot' }) : null),
     bar,
-    el('span', { class: 'f-num', text: scored ? `${f.probability.toFixed(2)} / op ${f.threshold.toFixed(2)}` : '—' }),
-    el('span', { class: 'f-call', text: !scored ? '' : f.positive ? '▲ above op' : 'below op' }),
+    el('span', { class: 'f-num', text: !scored ? '—' : hasOp ? `${f.probability.toFixed(2)} / op ${f.threshold.toFixed(2)}` : `${f.probability.toFixed(2)} / no op` }),
+    el('span', { class: 'f-call', text: !scored ? '' : !hasOp ? 'not called' : f.positive ? '▲ above op' : 'below op' }),
     el('span', { class: 'f-reader', role: 'group', 'aria-label': `Your call on ${f.label}` },
       el('button', { type: 'button', class: 'mark present', 'aria-pressed': 'false',
         'aria-label': `Confirm ${f.label} present`, onclick: () => setCall(f.label, true) }, '✓ Present'),
