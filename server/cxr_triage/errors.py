@@ -59,6 +59,22 @@ class StudyNotFound(CxrError):
     code, status = "study_not_found", 404
 
 
+class FindingNotFound(CxrError):
+    code, status = "finding_not_found", 404
+
+
+class FindingExists(CxrError):
+    """A finding of that name (or a trained label spelled differently) is scored already."""
+
+    code, status = "finding_exists", 409
+
+
+class NotZeroShot(CxrError):
+    """Findings can be added to zero-shot (type: gzsl) models only."""
+
+    code, status = "not_zero_shot", 400
+
+
 # --- image content that cannot be scored (422) ----------------------------------------------
 
 

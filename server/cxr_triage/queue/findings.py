@@ -13,12 +13,13 @@ A latent belongs to the version whose text tower made it, so each version keeps 
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import redis
+from redis.client import Pipeline
 
 REVISION = "cxr:findings:rev"
 
@@ -107,24 +108,19 @@ class FindingStore:
             raise ValueError(f"one finding at a time; got labels {sorted(labels)}")
         (label,) = labels
         keys = [findings_key(model, v) for v in versions]
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(*keys)
-                    if any(pipe.hexists(k, label) for k in keys):
-                        pipe.unwatch()
-                        return False
-                    seq = int(pipe.get(REVISION) or 0) + 1
-                    now = datetime.now(UTC).isoformat(timespec="seconds")
-                    pipe.multi()
-                    for key, finding in zip(keys, versions.values(), strict=True):
-                        stamped = AddedFinding(**{**finding.__dict__, "seq": seq, "added_at": now})
-                        pipe.hset(key, label, stamped.to_json())
-                    pipe.incr(REVISION)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def add(pipe: Pipeline) -> bool:
+            if any(pipe.hexists(k, label) for k in keys):
+                return False
+            seq = int(pipe.get(REVISION) or 0) + 1
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            pipe.multi()
+            for key, finding in zip(keys, versions.values(), strict=True):
+                pipe.hset(key, label, replace(finding, seq=seq, added_at=now).to_json())
+            pipe.incr(REVISION)
+            return True
+
+        return bool(self.r.transaction(add, *keys, REVISION, value_from_callable=True))
 
     def remove(self, model: str, versions: Sequence[str], label: str) -> bool:
         """Remove ``label`` from these versions; False if none had it."""
@@ -141,29 +137,20 @@ class FindingStore:
     ) -> AddedFinding | None:
         """Set (or, with None, clear) one version's operating point for an added finding."""
         key = findings_key(model, version)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hget(key, label)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None
-                    old = AddedFinding.from_json(raw)
-                    new = AddedFinding(
-                        **{
-                            **old.__dict__,
-                            "threshold": threshold,
-                            "operating_point": dict(evidence) if threshold is not None else {},
-                        }
-                    )
-                    pipe.multi()
-                    pipe.hset(key, label, new.to_json())
-                    pipe.incr(REVISION)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+
+        def update(pipe: Pipeline) -> AddedFinding | None:
+            raw = pipe.hget(key, label)
+            if raw is None:
+                return None
+            point = dict(evidence) if threshold is not None else {}
+            new = replace(AddedFinding.from_json(raw), threshold=threshold, operating_point=point)
+            pipe.multi()
+            pipe.hset(key, label, new.to_json())
+            pipe.incr(REVISION)
+            return new
+
+        found: AddedFinding | None = self.r.transaction(update, key, value_from_callable=True)
+        return found
 
 
 def latents_of(findings: Sequence[AddedFinding], dim: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from cxr_triage.engines.gzsl import GzslEngine, label_text
-from cxr_triage.errors import BadRequest, CxrError
+from cxr_triage.errors import BadRequest, FindingExists, FindingNotFound, NotZeroShot
 from cxr_triage.queue.findings import AddedFinding, FindingStore
 from cxr_triage.repository import ModelEntry
 from cxr_triage.schemas import ErrorResponse
@@ -48,18 +48,6 @@ class OperatingPointIn(BaseModel):
     specificity: float = Field(..., ge=0, le=1)
     positives: int = Field(..., ge=1, description="labelled images with the finding")
     negatives: int = Field(..., ge=1, description="labelled images without it")
-
-
-class FindingNotFound(CxrError):
-    code, status = "finding_not_found", 404
-
-
-class FindingExists(CxrError):
-    code, status = "finding_exists", 409
-
-
-class NotZeroShot(CxrError):
-    code, status = "not_zero_shot", 400
 
 
 class TextTowers:
