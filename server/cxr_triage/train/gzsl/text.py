@@ -10,7 +10,6 @@ an exported version), so training and serving split text the same way.
 """
 
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +132,6 @@ class TextEncoder:
             TextEncoderError: missing package or folder, or a folder transformers cannot read.
         """
         folder, name = resolve(spec)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_only below
         from transformers import AutoConfig, AutoModel
 
         try:
