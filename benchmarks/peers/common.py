@@ -1,7 +1,8 @@
 """What every peer server shares: the engine session and the model input.
 
-Each peer decodes the request body with ``cxr_triage.imaging.prepare`` (pydicom / Pillow, the
-server's own decoding, resize and 0-1 scaling) and ``to_batch`` (per-channel normalisation), so
+Each peer decodes the request body with ``cxr_triage.imaging.prepare`` (pydicom with its default
+decoder order / Pillow, the server's own resize and 0-1 scaling) and ``to_batch`` (per-channel
+normalisation), so
 every server feeds the engine exactly the same tensor for the same upload; only the serving
 around it differs. The engine is an ONNX Runtime CPU session over the same model.onnx, with
 ONNX Runtime's default options apart from the intra-op thread count.
@@ -17,10 +18,14 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from cxr_triage.imaging import ImageLimits, prepare, to_batch
+from cxr_triage.imaging import ImageLimits, dicom, prepare, to_batch
 from cxr_triage.repository.models import InputSpec
 
 LIMITS = ImageLimits()
+# The peers decode DICOM the way a server written around pydicom does: its default decoder
+# order. cxr-triage's choice per transfer syntax (PREFERRED_DECODERS) is one of the things
+# measured; the arrays are the same either way (checked by the bench: max abs Δp).
+dicom.PREFERRED_DECODERS.clear()
 
 
 def input_spec() -> InputSpec:

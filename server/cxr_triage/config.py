@@ -31,8 +31,36 @@ class Settings(BaseSettings):
         "and switches versions without a restart; 0 = never",
     )
     backend: Backend = Field("auto", description="engine preference; auto picks TensorRT > CUDA > CPU")
-    inference_workers: int = Field(1, ge=1, le=64, description="LitServe inference processes")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per engine; 0 = all cores")
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="LitServe inference processes; 0 = one per core on the CPU engine, 1 on a GPU",
+    )
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads per engine; 0 = the cores shared out among inference workers",
+    )
+    cpu_max_batch_size: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="largest engine batch on the CPU engine (config.yaml's max_batch_size applies on a GPU): "
+        "a CPU gains nothing per image from big batches, and a stat study waits for the batch running",
+    )
+    urgent_lane: bool = Field(
+        True,
+        description="one more inference worker that only scores jobs due within the urgent class's max "
+        "wait (stat and urgent studies, and overdue ones), so they never wait for a routine batch",
+    )
+    routine_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="OS niceness of the inference workers that score routine work; the urgent lane, HTTP "
+        "and decoding keep the default, so a stat study is not queued for CPU behind routine inference",
+    )
     decode_workers: int = Field(0, ge=0, description="image decoding processes; 0 = one per core")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (rows x columns)")
@@ -119,6 +147,25 @@ class Settings(BaseSettings):
 
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or max(1, os.cpu_count() or 1)
+
+    def resolved_engines(self, accelerated: bool) -> "Settings":
+        """These settings with ``inference_workers`` and ``intra_op_threads`` made concrete.
+
+        On the CPU engine, engine threads are matched to cores: one inference worker per core,
+        each with one intra-op thread, runs whole images side by side, which beats one engine
+        splitting each image across cores (no barrier waits, and a core taken a moment by
+        decoding or HTTP stalls one image, not every thread of a parallel one). On a GPU one
+        worker feeds the device. ``accelerated``: the engine backend is a GPU one.
+        """
+        cores = max(1, os.cpu_count() or 1)
+        workers = self.inference_workers or (1 if accelerated else cores)
+        threads = self.intra_op_threads or max(1, cores // workers)
+        return self.model_copy(update={"inference_workers": workers, "intra_op_threads": threads})
+
+    @property
+    def litserve_workers(self) -> int:
+        """Inference processes LitServe starts: the workers, then the urgent lane's."""
+        return self.inference_workers + int(self.urgent_lane)
 
     def prepare_process_environment(self) -> Path:
         """Point prometheus-client at a multiprocess folder before any metric is created.

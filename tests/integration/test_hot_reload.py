@@ -1,8 +1,9 @@
 """Hot reload through the real server: serving.json changes while requests flow, no restart.
 
-One server (two inference workers) serves a tiny repository with three versions of one model:
-1 (exported), 2 (classifier weights scaled: other probabilities) and 3 (version 1's engine with
-its own thresholds). The tests rewrite serving.json as the promotion tool does and check what
+One server (two inference workers and the urgent lane's) serves a tiny repository with three
+versions of one model: 1 (exported), 2 (classifier weights scaled: other probabilities) and 3
+(version 1's engine with its own thresholds). The tests rewrite serving.json as the promotion
+tool does and check what
 every response says: the version that made it, with that version's probabilities.
 """
 
@@ -34,6 +35,7 @@ from tests.helpers import add_version, chest_u8, copy_repo, metrics_text, png_by
 MODEL = "densenet121-nih14"
 POLL_S = 0.2
 WORKERS = 2
+PROCESSES = WORKERS + 1  # and the urgent lane's worker, which reloads too
 IMAGE = png_bytes(chest_u8(64))
 
 
@@ -120,7 +122,7 @@ def set_serving(server: Server, hot: HotRepo, state: ServingState, outcome: str 
     """Write serving.json as the promotion tool does; return once every worker took it."""
     before = reloads(server.url, outcome)
     write_serving_state(hot.model_dir, state)
-    wait_reloads(server.url, outcome, before + WORKERS)
+    wait_reloads(server.url, outcome, before + PROCESSES)
 
 
 def versions_out(url: str) -> dict[str, dict]:
@@ -166,7 +168,7 @@ def test_promotion_under_load_fails_no_request_and_switches_every_worker(
         before = reloads(server.url, "ok")
         written = time.monotonic()
         write_serving_state(hot_repo.model_dir, ServingState(default_version="2"))
-        swapped = wait_reloads(server.url, "ok", before + WORKERS)
+        swapped = wait_reloads(server.url, "ok", before + PROCESSES)
         time.sleep(1.0)
         stop.set()
         for c in clients:
@@ -231,12 +233,12 @@ def test_a_promotion_that_cannot_load_keeps_the_old_version(server: Server, hot_
             assert_still_serving(server, hot_repo, "3")
         failed = reloads(server.url, "failed")
         (hot_repo.model_dir / SERVING_FILE).write_text("{ not json")
-        wait_reloads(server.url, "failed", failed + WORKERS)
+        wait_reloads(server.url, "failed", failed + PROCESSES)
         assert_still_serving(server, hot_repo, "3")
         time.sleep(2 * POLL_S)  # a failed change is reported once, not at every poll
         errors = server.log.read_text().count("changed but cannot be served; still serving")
-        assert errors - errors_before == WORKERS * 3
-        assert reloads(server.url, "failed") == failed + WORKERS
+        assert errors - errors_before == PROCESSES * 3
+        assert reloads(server.url, "failed") == failed + PROCESSES
     finally:
         shutil.rmtree(hot_repo.model_dir / corrupt)
     set_serving(server, hot_repo, ServingState(default_version="1"))  # the next change loads again

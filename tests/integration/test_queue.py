@@ -148,6 +148,19 @@ def test_a_batch_holds_few_backfill_jobs(q: JobQueue) -> None:
     assert batch == [live, *archive[2:4]]
 
 
+def test_a_batch_led_by_a_stat_job_holds_no_routine_job(q: JobQueue) -> None:
+    routine = [q.submit(job("routine")).job_id for _ in range(3)]
+    urgent = [q.submit(job(p)).job_id for p in ("stat", "urgent")]
+    assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == urgent
+    assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == routine
+
+
+def test_an_overdue_routine_job_leads_its_batch_and_takes_stat_jobs_along(q: JobQueue) -> None:
+    overdue = q.submit(job("routine"), now=time.time() - 1000).job_id  # past its max wait: first
+    stat = q.submit(job("stat")).job_id
+    assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == [overdue, stat]
+
+
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))

@@ -240,4 +240,4 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
 
     assert value(r'cxr_triage_requests_total\{method="POST",route="/v1/predict",status="200"\}') == 24
     assert value(r'cxr_triage_batch_size_sum\{model="densenet121-nih14"\}') == 24  # images scored
-    assert text.count("cxr_triage_model_info{") == 2  # one live series per worker process
+    assert text.count("cxr_triage_model_info{") == 3  # one live series per worker process (and the lane)

@@ -125,6 +125,23 @@ def test_targets_miss_and_busy_and_missing_cells_are_said() -> None:
     assert all(v.ok is None and v.word == "not measured" for v in nothing)
 
 
+def test_a_target_above_the_zero_overhead_ceiling_is_said_to_be_out_of_reach() -> None:
+    cells = full_cells(ours_png=37.0, ours_big=12.0, ours_stat_p95=201.0)
+    # jpeg: best naive 10 req/s (full_cells); a ceiling of 12 req/s is 1.2x: 1.3x is out of reach
+    verdicts = bp.targets(cells, bare_img_s=42.0, ceilings={"png": 41.0, "jpeg": 12.0, "j2k": 20.0})
+    jpeg, j2k = verdicts[3], verdicts[5]
+    assert "ceiling here 12.0 req/s = 1.20x" in jpeg.measured
+    assert jpeg.word == "MISS (out of reach on this machine)"
+    assert j2k.ok is False and j2k.reachable is True and j2k.word == "MISS"
+    assert verdicts[0].word == "MISS" and verdicts[0].reachable is True  # 41 / 40 >= 0.95
+    plan = bp.parse_args(["--duration", "3", "--peers", "naive,cxr-triage"])
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=cells, cores=2)
+    assert run.ceiling("png") is None  # nothing measured yet
+    run.bare = [bp.Throughput("2 x 1 thread", 1, 100, 2.0, [20.0] * 100)]  # 50 img/s: 40 ms CPU each
+    run.decode_cpu_ms = {"png": 10.0}
+    assert run.ceiling("png") == pytest.approx(40.0)  # 2000 ms / (40 + 10) ms
+
+
 def test_process_tree_takes_descendants_and_the_session_not_the_rest() -> None:
     procs = {  # pid: (ppid, pgid, sid, cpu)
         100: (1, 100, 100, 1.0),  # the server, started in its own session

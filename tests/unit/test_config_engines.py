@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 from pydantic import ValidationError
 
 from cxr_triage.config import Settings
-from cxr_triage.engines import Engine, OnnxEngine, choose_providers
+from cxr_triage.engines import Engine, OnnxEngine, accelerated, choose_providers
 
 
 def test_defaults_bind_loopback_8000(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,3 +64,28 @@ def test_onnx_engine_runs_any_batch_size(tmp_path: Path) -> None:
         out = engine.run(x)
         assert out.shape == (n, 3)
         np.testing.assert_allclose(out[:, 1], 1 / (1 + np.exp(-2.0)), rtol=1e-6)
+
+
+def test_cpu_engines_are_one_single_threaded_worker_per_core_plus_the_urgent_lane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    cpu = Settings().resolved_engines(accelerated=False)
+    assert (cpu.inference_workers, cpu.intra_op_threads, cpu.litserve_workers) == (4, 1, 5)
+    gpu = Settings().resolved_engines(accelerated=True)
+    assert (gpu.inference_workers, gpu.intra_op_threads) == (1, 4)
+    pinned = Settings(inference_workers=2, intra_op_threads=3, urgent_lane=False).resolved_engines(False)
+    assert (pinned.inference_workers, pinned.intra_op_threads, pinned.litserve_workers) == (2, 3, 2)
+    assert Settings(inference_workers=3).resolved_engines(False).intra_op_threads == 1  # 4 // 3
+
+
+def test_the_cpu_engine_batches_at_most_cpu_max_batch_size() -> None:
+    from cxr_triage.repository import BatchingSpec
+    from cxr_triage.serving.api import TriageAPI
+
+    api = TriageAPI(Settings(backend="cpu", cpu_max_batch_size=2), {}, BatchingSpec(max_batch_size=8))
+    assert api.max_batch_size == 2
+    assert TriageAPI(Settings(backend="cpu"), {}, BatchingSpec(max_batch_size=1)).max_batch_size == 1
+    assert accelerated("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) is False
+    assert accelerated("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) is True
+    assert accelerated("auto", ["CPUExecutionProvider"]) is False

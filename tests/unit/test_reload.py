@@ -52,7 +52,9 @@ def repo(exported_repo: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(repo: Path, embedded_redis: str) -> Settings:
     redis.Redis.from_url(embedded_redis).flushall()
-    return Settings(model_repo=repo, redis_url=embedded_redis, reload_poll_s=POLL_S, intra_op_threads=1)
+    return Settings(
+        model_repo=repo, redis_url=embedded_redis, reload_poll_s=POLL_S, intra_op_threads=1, routine_nice=0
+    )
 
 
 def promote(repo: Path, state: ServingState) -> None:

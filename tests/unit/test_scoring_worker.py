@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from cxr_triage.config import Settings
@@ -22,7 +23,9 @@ def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
     exported_repo: Path, embedded_redis: str
 ) -> None:
     redis.Redis.from_url(embedded_redis).flushall()
-    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis)
+    settings = Settings(
+        model_repo=exported_repo, redis_url=embedded_redis, cpu_max_batch_size=8, routine_nice=0
+    )
     api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=8))
     api.setup("cpu")
     calls: list[int] = []
@@ -50,3 +53,22 @@ def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
     assert isinstance(first, dict) and isinstance(third, dict)
     assert first["request_id"] == "a" and third["request_id"] == "c"
     assert first["findings"] == third["findings"], "same input, same scores"
+
+
+def test_the_urgent_lane_scores_only_jobs_due_within_the_urgent_wait(
+    exported_repo: Path, embedded_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis.Redis.from_url(embedded_redis).flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, inference_workers=1)
+    monkeypatch.setenv("LITSERVE_WORKER_ID", "1")  # workers 0..inference_workers-1, then the lane
+    lane = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=8))
+    lane.setup("cpu")
+    assert lane.horizon_s == settings.max_wait_s["urgent"] and lane.worker.endswith("/urgent")
+    pixels = np.random.default_rng(1).random((64, 64), dtype=np.float32)
+    routine = [submit(lane.queue, pixels, f"r{i}") for i in range(3)]
+    assert lane.batch_wait() is None  # routine work is not the lane's
+    item = ModelInput(pixels=pixels, source="png", warnings=[], decode_ms=1.0)
+    stat = lane.queue.submit(NewJob("densenet121-nih14", "stat", item, "s")).job_id
+    assert lane.batch_wait() == 0.0  # at once: no batch window
+    assert [job_id for job_id, _ in lane.run_batch()] == [stat]
+    assert lane.queue.statuses(routine) == ["queued"] * 3

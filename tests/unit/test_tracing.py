@@ -30,7 +30,7 @@ def in_memory_tracing() -> None:
 
 def test_a_study_is_one_trace_across_http_and_worker(exported_repo: Path, embedded_redis: str) -> None:
     redis.Redis.from_url(embedded_redis).flushall()
-    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, decode_workers=1)
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, decode_workers=1, routine_nice=0)
     repo = ModelRepository.load(exported_repo)
     queue = JobQueue(redis.Redis.from_url(embedded_redis), settings.max_wait_s)
     intake = Intake(settings, repo, ["densenet121-nih14"], queue)

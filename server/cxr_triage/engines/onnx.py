@@ -35,6 +35,11 @@ def choose_providers(preference: Backend, available: list[str] | None = None) ->
     return [*chosen, _PROVIDERS["cpu"]]
 
 
+def accelerated(preference: Backend, available: list[str] | None = None) -> bool:
+    """Whether ``preference`` gets a GPU execution provider from this onnxruntime build."""
+    return choose_providers(preference, available)[0] != _PROVIDERS["cpu"]
+
+
 def backend_name(provider: str) -> str:
     """The backend label used in responses and metrics, e.g. onnxruntime-cpu."""
     return _BACKEND_NAMES.get(provider, provider)

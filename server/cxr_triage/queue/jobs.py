@@ -107,10 +107,14 @@ class JobQueue:
         created, existing = self._submit(args=argv)
         return SubmitResult(job_id=existing.decode(), duplicate=not created)
 
-    def lease(self, n: int, worker: str, lease_s: float, now: float | None = None) -> list[LeasedJob]:
-        """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds."""
+    def lease(
+        self, n: int, worker: str, lease_s: float, now: float | None = None, horizon_s: float | None = None
+    ) -> list[LeasedJob]:
+        """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds.
+        ``horizon_s``: only jobs due within that many seconds (the urgent lane; see ``due``)."""
         now = time.time() if now is None else now
-        rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S, self.backfill_batch])
+        horizon = "" if horizon_s is None else repr(now + horizon_s)
+        rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S, self.backfill_batch, horizon])
         out = []
         for job_id, token, blob, flat in rows:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -182,6 +186,12 @@ class JobQueue:
         if ready:  # not idle after all: a worker with work in sight does not take a share
             self.r.zrem(IDLE, worker)
         return ready
+
+    def due(self, horizon_s: float, now: float | None = None) -> int:
+        """Queued jobs due within ``horizon_s`` seconds: with the urgent class's max wait, the
+        stat and urgent jobs, and any routine or backfill job that has nearly used up its own."""
+        now = time.time() if now is None else now
+        return int(self.r.zcount(QUEUE, "-inf", now + horizon_s))
 
     def depth_by_priority(self) -> dict[str, int]:
         ids = self.r.zrange(QUEUE, 0, -1)

@@ -85,25 +85,33 @@ return {1, id}
 # {job_id, token, payload, {hash...}} per leased job, earliest deadline first. Workers that
 # polled an empty queue within the idle window (cxr:idle, any replica) share what is ready: a
 # worker takes at most ceil(ready / (idle + 1)), so that a light load is spread over idle
-# workers instead of waiting in one worker's batch.
+# workers instead of waiting in one worker's batch. ARGV[7], when not empty, is a deadline
+# horizon: only jobs due by then are leased (the urgent lane's worker), whole and unshared.
 LEASE = """
 local now, window = tonumber(ARGV[2]), tonumber(ARGV[5])
-redis.call('ZREM', 'cxr:idle', ARGV[4])
-redis.call('ZREMRANGEBYSCORE', 'cxr:idle', '-inf', now - window)
-local idle = redis.call('ZCARD', 'cxr:idle')
-local n = math.min(tonumber(ARGV[1]), math.ceil(redis.call('ZCARD', 'cxr:queue') / (idle + 1)))
 local ids = {}
-if n > 0 then ids = redis.call('ZRANGE', 'cxr:queue', 0, n - 1) end
+if ARGV[7] ~= '' then
+  ids = redis.call('ZRANGEBYSCORE', 'cxr:queue', '-inf', ARGV[7], 'LIMIT', 0, tonumber(ARGV[1]))
+else
+  redis.call('ZREM', 'cxr:idle', ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', 'cxr:idle', '-inf', now - window)
+  local idle = redis.call('ZCARD', 'cxr:idle')
+  local n = math.min(tonumber(ARGV[1]), math.ceil(redis.call('ZCARD', 'cxr:queue') / (idle + 1)))
+  if n > 0 then ids = redis.call('ZRANGE', 'cxr:queue', 0, n - 1) end
+end
 -- A batch holds at most ARGV[6] backfill jobs (the rest wait for the next batch): a live job
--- arriving meanwhile then waits for a short batch, not a full one of archive studies.
-local max_backfill, backfill = tonumber(ARGV[6]), 0
+-- arriving meanwhile then waits for a short batch, not a full one of archive studies. A batch
+-- led by a stat or urgent job holds only stat and urgent jobs: it is not made longer by
+-- routine images that its study would then wait for.
+local max_backfill, backfill, urgent_only = tonumber(ARGV[6]), 0, false
 for i, id in ipairs(ids) do
-  if redis.call('HGET', 'cxr:job:' .. id, 'priority') == 'backfill' then
-    backfill = backfill + 1
-    if backfill > max_backfill then
-      ids = {unpack(ids, 1, i - 1)}
-      break
-    end
+  local priority = redis.call('HGET', 'cxr:job:' .. id, 'priority')
+  local urgent = priority == 'stat' or priority == 'urgent'
+  if i == 1 then urgent_only = urgent end
+  if priority == 'backfill' then backfill = backfill + 1 end
+  if (urgent_only and not urgent) or backfill > max_backfill then
+    ids = {unpack(ids, 1, i - 1)}
+    break
   end
 end
 local out = {}

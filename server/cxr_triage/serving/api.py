@@ -23,6 +23,7 @@ import numpy as np
 from fastapi import Depends
 
 from cxr_triage.config import Settings
+from cxr_triage.engines import accelerated
 from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics, tracing
@@ -57,8 +58,13 @@ class TriageAPI(ls.LitAPI):
         ``fallback`` (the repository it validated) what a worker falls back to when serving.json
         names a version that does not load (see ServedVersions). ``drain``: set when the
         replica drains; the worker then leases no new job (see serving.lifecycle)."""
+        max_batch = batching.max_batch_size
+        if not accelerated(settings.backend):
+            # A CPU engine's time per image is flat (or worse) past a batch of 2, and a stat
+            # job waits for the batch in progress: small batches, side by side in workers.
+            max_batch = min(max_batch, settings.cpu_max_batch_size)
         super().__init__(
-            max_batch_size=batching.max_batch_size,
+            max_batch_size=max_batch,
             batch_timeout=batching.batch_timeout_ms / 1000.0,
             api_path="/v1/predict",
             loop=TriageLoop(),
@@ -71,6 +77,7 @@ class TriageAPI(ls.LitAPI):
         self._first_ready: float | None = None
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
+        self.horizon_s: float | None = None  # set in the urgent lane's worker (take_role)
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -82,6 +89,22 @@ class TriageAPI(ls.LitAPI):
         """The default (promoted) version of each served model."""
         return {name: route.default for name, route in self.routes.items()}
 
+    def _take_role(self) -> None:
+        """The last LitServe worker is the urgent lane (when CXR_URGENT_LANE): it leases only
+        jobs due within the urgent class's max wait, at once, keeps the default OS priority
+        and runs its engines on every core; the others score everything at ``routine_nice``,
+        so that while they keep the cores busy the lane's stat study, and the HTTP and
+        decoding processes, get the cores as soon as they need them. LitServe names the
+        worker in LITSERVE_WORKER_ID before ``setup``."""
+        s = self.settings
+        if s.urgent_lane and os.environ.get("LITSERVE_WORKER_ID") == str(s.inference_workers):
+            self.horizon_s = s.max_wait_s["urgent"]
+            # Nearly alone on the engines' cores when it runs (the others are niced): all of them.
+            cores = s.inference_workers * s.intra_op_threads
+            self.settings = s.model_copy(update={"intra_op_threads": cores})
+        elif s.routine_nice:
+            os.nice(s.routine_nice)
+
     def setup(self, device: str) -> None:
         configure_logging(self.settings.log_level)  # a spawned worker starts with no logging set up
         # The replica's main process decides when this worker stops (a drain ends with LitServe's
@@ -89,6 +112,7 @@ class TriageAPI(ls.LitAPI):
         die_with_parent(signal.SIGKILL)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         tracing.setup_tracing(self.settings, "inference-worker")
+        self._take_role()
         self.versions = ServedVersions(self.settings, self.served, self.fallback)
         self.versions.start()
         if not self.settings.redis_url:
@@ -97,6 +121,9 @@ class TriageAPI(ls.LitAPI):
         self.queue = JobQueue(client, self.settings.max_wait_s, self.settings.backfill_batch)
         self.added = FindingStore(client)
         self.worker = worker_name(self.settings.replica, os.getpid())
+        if self.horizon_s is not None:
+            self.worker += "/urgent"
+            log.info("worker %s is the urgent lane (jobs due within %.0f s)", self.worker, self.horizon_s)
 
     def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
         return request
@@ -114,7 +141,12 @@ class TriageAPI(ls.LitAPI):
 
     def batch_wait(self) -> float | None:
         """None: nothing queued. 0: lease a batch now. >0: seconds left in the batch window."""
-        ready = 0 if self.drain is not None and self.drain.is_set() else self.queue.poll(self.worker)
+        if self.drain is not None and self.drain.is_set():
+            ready = 0
+        elif self.horizon_s is not None:  # the lane: a stat study does not wait for a batch
+            return 0.0 if self.queue.due(self.horizon_s) else None
+        else:
+            ready = self.queue.poll(self.worker)
         if ready == 0:
             self._first_ready = None
             return None
@@ -128,7 +160,8 @@ class TriageAPI(ls.LitAPI):
     def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
         """Lease, score and store one batch; returns the outcomes this worker stored."""
         self._first_ready = None
-        jobs = self.queue.lease(self.max_batch_size, self.worker, self.settings.lease_s)
+        lease_s, horizon = self.settings.lease_s, self.horizon_s
+        jobs = self.queue.lease(self.max_batch_size, self.worker, lease_s, horizon_s=horizon)
         scored_from = time.time()
         outcomes = self.score_batch(jobs)
         scored_to = time.time()

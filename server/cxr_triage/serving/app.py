@@ -22,6 +22,7 @@ from litserve.utils import WorkerSetupStatus
 
 from cxr_triage.config import Settings
 from cxr_triage.dicomweb.stow import build_stow_router
+from cxr_triage.engines import accelerated
 from cxr_triage.errors import RepositoryError
 from cxr_triage.observability import tracing
 from cxr_triage.queue import JobQueue, RedisHandle, connect
@@ -108,7 +109,7 @@ class Service:
         does not send to them), then LitServe's graceful stop."""
         queues = getattr(self.server, "litapi_request_queues", {})
         for queue in queues.values():
-            for _ in range(self.intake.settings.inference_workers):
+            for _ in range(self.intake.settings.litserve_workers):
                 queue.put(_SENTINEL_VALUE)
         event = getattr(self.server, "_shutdown_event", None)
         if event is not None:
@@ -146,7 +147,16 @@ def build_service(settings: Settings) -> Service:
     served = served_models(settings, repo)
     tracing.setup_tracing(settings, "http")
     handle = connect(settings)
-    settings = settings.model_copy(update={"redis_url": handle.url})
+    settings = settings.model_copy(update={"redis_url": handle.url}).resolved_engines(
+        accelerated(settings.backend)
+    )
+    log.info(
+        "engines: %d inference workers x %d ONNX Runtime threads%s; %d decoding processes",
+        settings.inference_workers,
+        settings.intra_op_threads,
+        " and the urgent lane's" if settings.urgent_lane else "",
+        settings.resolved_decode_workers(),
+    )
     for name in served:
         version = repo.models[name].served
         warning = version and provenance_warning(version.metadata.weights, version.metadata.data)
@@ -158,7 +168,7 @@ def build_service(settings: Settings) -> Service:
     server = ls.LitServer(
         api,
         accelerator="cpu",
-        workers_per_device=settings.inference_workers,
+        workers_per_device=settings.litserve_workers,
         timeout=settings.request_timeout_s,
         healthcheck_path="/_litserve/health",
         info_path="/_litserve/info",
