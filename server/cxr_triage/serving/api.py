@@ -77,7 +77,7 @@ class TriageAPI(ls.LitAPI):
         self._first_ready: float | None = None
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
-        self.horizon_s: float | None = None  # set in the urgent lane's worker (take_role)
+        self.horizon_s: float | None = None  # set in the urgent lane's worker (_take_role)
 
     @property
     def routes(self) -> dict[str, Route]:
