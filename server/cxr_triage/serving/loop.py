@@ -125,26 +125,24 @@ class TriageLoop(LitLoop):
                 # Each wait is a round trip to LitServe's queue manager: long ones when no ticket
                 # waits for another worker's result (a ticket still arrives at once).
                 block = POLL_OTHERS_S if waiting.by_job else IDLE_TICKET_WAIT_S
-                try:
-                    running = self._take_tickets(request_queue, transport, waiting, block)
-                except (EOFError, OSError):  # LitServe's queue manager is gone: the server stops
-                    log.warning("LitServe's request queue is closed; this worker stops")
-                    running = False
-                if not running:
-                    waiting.stopped.set()
-                    waiting.new.set()
-                    return
+                if not self._take_tickets(request_queue, transport, waiting, block):
+                    break
                 if waiting.by_job and time.monotonic() - last_poll >= POLL_OTHERS_S:
                     last_poll = time.monotonic()
                     for job_id, outcome in lit_api.finished(waiting.job_ids()):
                         self._answer(transport, waiting.pop(job_id), outcome)
+                self._expire(transport, waiting, lit_api.request_timeout)
+            except (EOFError, OSError):  # LitServe's queue manager is gone: the server stops
+                log.warning("LitServe's queues are closed; this worker stops")
+                break
             except RedisError:
                 log.exception("the Redis queue failed (answering); retrying in 1 s")
-                time.sleep(1.0)
-            except Exception:
+                waiting.stopped.wait(1.0)
+            except Exception:  # the worker's boundary: it must outlive any one bad turn
                 log.exception("the ticket thread failed; going on")
-                time.sleep(1.0)
-            self._expire(transport, waiting, lit_api.request_timeout)
+                waiting.stopped.wait(1.0)
+        waiting.stopped.set()
+        waiting.new.set()  # the main thread stops waiting for a ticket
 
     def _expire(self, transport: Any, waiting: Waiting, timeout: float) -> None:
         for queue_id, uid in waiting.expired(timeout):
