@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# No pip cache: the trainer's torch brings ~4 GB of CUDA wheels, and a cached copy of each would
+# need as much disk again on a fresh machine.
+PIP    := $(BIN)/pip install -q --no-cache-dir
 DEFAULT_MODEL ?= densenet121-nih14
 ENGINE := $(wildcard model_repo/$(DEFAULT_MODEL)/*/model.onnx)
 
@@ -20,16 +23,16 @@ help:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
+	$(PIP) -U pip
 
 # Serving install: no torch.
 $(VENV)/.serve: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(PIP) -e .
 	@touch $@
 
 # Everything: serving + trainer (torch, timm) + dev tools (pytest, ruff, mypy, locust, pydicom-data).
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(PIP) -e '.[train,dev]'
 	@touch $@ $(VENV)/.serve
 
 # The default engine: exported (untrained, no download) when model_repo/ has none.

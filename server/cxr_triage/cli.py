@@ -1,6 +1,7 @@
 """The ``cxr-triage`` command line. Thin: each command builds Settings and calls one entry point."""
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -49,17 +50,21 @@ def serve(
     """Start the service (LitServe, dynamic batching) on 127.0.0.1:8000 by default."""
     settings = _settings(host=host, port=port, model_repo=model_repo)
     _logging(settings.log_level, json_lines=True)
-    settings.prepare_process_environment()  # before any metric is created
+    metrics_dir = settings.prepare_process_environment()  # before any metric is created
     from cxr_triage.serving.app import build_service
 
     try:
-        if build_default:
-            _ensure_default_engine(settings)
-        service = build_service(settings)
-    except CxrError as exc:
-        _fail(exc)
-        return
-    service.run()
+        try:
+            if build_default:
+                _ensure_default_engine(settings)
+            service = build_service(settings)
+        except CxrError as exc:
+            _fail(exc)
+            return
+        service.run()
+    finally:
+        if settings.metrics_dir is None:  # a temporary folder of this run: nothing reads it later
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _ensure_default_engine(settings: Settings) -> None:
