@@ -161,6 +161,23 @@ def test_an_overdue_routine_job_leads_its_batch_and_takes_stat_jobs_along(q: Job
     assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == [overdue, stat]
 
 
+def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None:
+    events = q.events()
+    assert events.next(0.2) is None  # subscribed; nothing announced yet
+    stat = q.submit(job("stat"), now=1000.0).job_id
+    routine = q.submit(job("routine"), now=1000.0).job_id
+    score(q, [0.1, 0.1, 0.1])  # the stat job
+    q.lease(1, "w", 30, now=1000.0)  # the routine job, whose worker is then lost twice
+    assert q.reap(2, UNSCORED_PLACE, "lost", now=2000.0) == (1, 0)
+    q.lease(1, "w", 30, now=2000.0)
+    assert q.reap(2, UNSCORED_PLACE, "lost", now=3000.0) == (0, 1)
+    got = []
+    while (event := events.next(0.2)) is not None:
+        got.append((event.kind, event.arg))
+    assert got == [("new", "stat"), ("new", "routine"), ("done", stat), ("new", ""), ("done", routine)]
+    events.close()
+
+
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))

@@ -1,10 +1,16 @@
 """The inference worker's batch scoring, in process: one engine call per batch, failures isolated."""
 
+import multiprocessing
+import queue
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.utils import LitAPIStatus
 
 from cxr_triage.config import Settings
 from cxr_triage.errors import CxrError
@@ -12,6 +18,8 @@ from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import BatchingSpec
 from cxr_triage.serving.api import TriageAPI
+from cxr_triage.serving.intake import Ticket
+from cxr_triage.serving.loop import SWEEP_S, TriageLoop
 
 
 def submit(q: JobQueue, pixels: np.ndarray, rid: str) -> str:
@@ -72,3 +80,64 @@ def test_the_urgent_lane_scores_only_jobs_due_within_the_urgent_wait(
     assert lane.batch_wait() == 0.0  # at once: no batch window
     assert [job_id for job_id, _ in lane.run_batch()] == [stat]
     assert lane.queue.statuses(routine) == ["queued"] * 3
+
+
+class Transport:
+    """LitServe's response transport, as the loop sees it: answers by request uid."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[object, LitAPIStatus]] = {}
+        self.arrived = threading.Event()
+
+    def send(self, item: tuple[str, tuple[object, LitAPIStatus, object, object]], consumer_id: int) -> None:
+        uid, (data, status, _, _) = item
+        if status != LitAPIStatus.START:
+            self.answers[uid] = (data, status)
+            self.arrived.set()
+
+
+def test_a_ticket_is_answered_as_soon_as_another_worker_scores_its_job(
+    exported_repo: Path, embedded_redis: str
+) -> None:
+    """The worker holding a request's ticket is not the one that scores its job (here it is
+    draining, so it leases nothing); the job's announcement answers it, well before the
+    once-a-second look at Redis that covers lost announcements."""
+    redis.Redis.from_url(embedded_redis).flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
+    draining = multiprocessing.get_context("spawn").Event()
+    draining.set()
+    served, batching = {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2)
+    holder = TriageAPI(settings, served, batching, drain=draining)
+    holder.setup("cpu")
+    holder.request_timeout = 30.0
+    scorer = TriageAPI(settings, served, batching)
+    scorer.setup("cpu")
+    tickets: queue.Queue[object] = queue.Queue()
+    transport = Transport()
+    args = (holder, "cpu", 0, tickets, transport, {}, None)
+    worker = threading.Thread(target=TriageLoop(), args=args, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the events thread has subscribed
+        pixels = np.random.default_rng(2).random((64, 64), dtype=np.float32)
+        job_id = submit(scorer.queue, pixels, "held")
+        tickets.put((0, "uid-1", time.monotonic(), Ticket(job_id=job_id, request_id="held")))
+        time.sleep(0.3)  # the ticket is held (and the holder, draining, leaves the job queued)
+        assert scorer.queue.statuses([job_id]) == ["queued"] and not transport.answers
+        scored_at = time.monotonic()
+        assert [j for j, _ in scorer.run_batch()] == [job_id]
+        assert transport.arrived.wait(5.0)
+        answered_in = time.monotonic() - scored_at
+        data, status = transport.answers["uid-1"]
+        assert status == LitAPIStatus.OK and isinstance(data, dict) and data["job_id"] == job_id
+        assert answered_in < SWEEP_S / 2, f"answered after {answered_in:.2f} s: the announcement was not used"
+
+        # A ticket that comes after its job was scored (a repeated upload) is answered at once.
+        transport.arrived.clear()
+        tickets.put((0, "uid-2", time.monotonic(), Ticket(job_id=job_id, request_id="again")))
+        assert transport.arrived.wait(SWEEP_S / 2)
+        assert transport.answers["uid-2"][1] == LitAPIStatus.OK
+    finally:
+        tickets.put(_SENTINEL_VALUE)
+        worker.join(10)
+    assert not worker.is_alive(), "LitServe's stop message ends the worker"

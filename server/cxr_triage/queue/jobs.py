@@ -10,6 +10,7 @@ number); a result is stored only while that token still holds the lease, so a wo
 comes back after its lease expired and the job was re-delivered cannot store a second result.
 """
 
+import contextlib
 import io
 import json
 import struct
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.client import PubSub
 
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import payload, scripts
@@ -70,6 +72,49 @@ def _payload(blob: bytes | None) -> ModelInput | None:
         return payload.loads(blob) if blob else None
     except (ValueError, KeyError, TypeError, struct.error):
         return None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One announcement on the events channel: ``new`` (arg: the priority, '' for re-queued
+    jobs) or ``done`` (arg: the job id)."""
+
+    kind: str
+    arg: str
+
+
+class JobEvents:
+    """A subscription to the queue's announcements (see ``scripts``), for one thread.
+
+    Subscribes on first use and again after a Redis error (announcements made meanwhile are
+    lost: callers keep a slow look at Redis for that).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._pubsub: PubSub | None = None
+
+    def next(self, timeout: float) -> Event | None:
+        """The next announcement, waiting up to ``timeout`` seconds; None when none came."""
+        if self._pubsub is None:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(scripts.EVENTS)
+            self._pubsub = pubsub
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except redis.RedisError:
+            self.close()
+            raise
+        if message is None or message.get("type") != "message":
+            return None
+        kind, _, arg = bytes(message["data"]).decode().partition(" ")
+        return Event(kind, arg)
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            pubsub, self._pubsub = self._pubsub, None
+            with contextlib.suppress(redis.RedisError, OSError):
+                pubsub.close()
 
 
 class JobQueue:
@@ -173,6 +218,10 @@ class JobQueue:
             return None
         with np.load(io.BytesIO(blob)) as data:
             return data["image"], data["cam"].astype(np.float32) if "cam" in data.files else None
+
+    def events(self) -> JobEvents:
+        """A new subscription to the queue's announcements (one per thread that reads them)."""
+        return JobEvents(self.r)
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))

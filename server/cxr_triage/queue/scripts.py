@@ -2,7 +2,14 @@
 
 Key names are built inside the scripts from the ``cxr:`` prefix, which is right for one Redis
 (embedded or standalone); a Redis Cluster would need hash tags.
+
+The scripts announce changes on the ``cxr:events`` channel (EVENTS), for workers to act on at
+once instead of polling: ``new <priority>`` when a job is queued (``new`` alone when jobs go
+back to the queue), ``done <job_id>`` when a job is done or failed. Pub/sub is fire and forget:
+the workers still look at Redis now and then, so a lost announcement only costs time.
 """
+
+EVENTS = b"cxr:events"
 
 # Lua helpers the scripts below start with. raise_place moves a study's worklist place up
 # (never down) and records why; no-op once it was read.
@@ -29,6 +36,11 @@ end
 local function requeue(job_key, job_id)
   redis.call('HSET', job_key, 'status', 'queued')
   redis.call('ZADD', 'cxr:queue', redis.call('HGET', job_key, 'deadline'), job_id)
+end
+
+-- A job that is done or failed: whoever waits for it answers now.
+local function announce_done(job_id)
+  redis.call('PUBLISH', 'cxr:events', 'done ' .. job_id)
 end
 
 local function study_finished(job_key)
@@ -65,6 +77,7 @@ redis.call('HSET', jk, 'status', 'queued', 'attempts', 0, 'deadline', deadline, 
 redis.call('SET', 'cxr:payload:' .. id, payload)
 if header ~= '' then redis.call('SET', 'cxr:header:' .. id, header) end
 redis.call('ZADD', 'cxr:queue', deadline, id)
+redis.call('PUBLISH', 'cxr:events', 'new ' .. redis.call('HGET', jk, 'priority'))
 if study ~= '' and track == '1' then
   local sk = 'cxr:study:' .. study
   redis.call('SADD', sk .. ':jobs', id)
@@ -144,6 +157,7 @@ if redis.call('HGET', jk, 'track') ~= '1' then
 end
 raise_place(jk, id, ARGV[6], ARGV[7])
 study_finished(jk)
+announce_done(id)
 return 1
 """
 )
@@ -165,6 +179,7 @@ for _, id in ipairs(ids) do
       redis.call('DEL', 'cxr:payload:' .. id)
       raise_place(jk, id, ARGV[4], ARGV[5])
       study_finished(jk)
+      announce_done(id)
       failed = failed + 1
     else
       requeue(jk, id)
@@ -172,7 +187,10 @@ for _, id in ipairs(ids) do
     end
   end
 end
-if requeued > 0 then redis.call('HINCRBY', 'cxr:stats', 'redelivered', requeued) end
+if requeued > 0 then
+  redis.call('HINCRBY', 'cxr:stats', 'redelivered', requeued)
+  redis.call('PUBLISH', 'cxr:events', 'new')
+end
 return {requeued, failed}
 """
 )
@@ -197,7 +215,10 @@ for _, id in ipairs(redis.call('ZRANGE', 'cxr:leases', 0, -1)) do
     end
   end
 end
-if released > 0 then redis.call('HINCRBY', 'cxr:stats', 'released', released) end
+if released > 0 then
+  redis.call('HINCRBY', 'cxr:stats', 'released', released)
+  redis.call('PUBLISH', 'cxr:events', 'new')
+end
 return released
 """
 )

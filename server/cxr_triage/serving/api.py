@@ -157,6 +157,12 @@ class TriageAPI(ls.LitAPI):
             return 0.0
         return max(0.0, self._first_ready + self.batch_timeout - now)
 
+    def wakes_for(self, priority: str) -> bool:
+        """Whether a job queued at ``priority`` ('' = re-queued, unknown) is this worker's to
+        look at now: the lane looks at stat and urgent jobs only (others when due, on its own
+        idle looks at Redis)."""
+        return self.horizon_s is None or priority in ("stat", "urgent", "")
+
     def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
         """Lease, score and store one batch; returns the outcomes this worker stored."""
         self._first_ready = None

@@ -6,15 +6,19 @@ leases the most urgent jobs from Redis (``TriageAPI.run_batch``), whichever rout
 them, scores them, and answers each ticket when its job has an outcome — whichever worker
 scored it. Tickets double as wake-ups: a new one means a new job.
 
-Two threads per worker: the main one leases, scores and stores batches; the ``tickets``
-thread takes tickets from LitServe and answers those whose jobs another worker scored while
-this one is busy in the engine (ONNX Runtime releases the GIL), so that a stat study scored
-by one worker is not kept waiting for the batch that the worker holding its ticket runs.
+Three threads per worker: the main one leases, scores and stores batches and answers their
+tickets. The ``tickets`` thread takes tickets from LitServe. The ``events`` thread follows the
+queue's announcements (``JobQueue.events``): it answers tickets whose jobs another worker
+scored, while this one is busy in the engine (ONNX Runtime releases the GIL), and wakes the
+main thread when a job is queued. Nothing polls at a fast rate: an idle worker, and the
+tickets of jobs whose announcement was lost, are looked at in Redis every so often.
 """
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
@@ -24,13 +28,15 @@ from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPExcepti
 from redis import RedisError
 
 from cxr_triage.errors import CxrError
+from cxr_triage.queue.jobs import JobEvents
 from cxr_triage.serving.http_errors import to_http_exception
 
 log = logging.getLogger(__name__)
-IDLE_WAIT_S = 0.02  # how long an idle worker waits for a ticket before looking at Redis again
-LANE_IDLE_WAIT_S = 0.01  # the urgent lane looks more often: a stat ticket may go to another worker
-POLL_OTHERS_S = 0.01  # how often tickets whose jobs another worker holds are checked
-IDLE_TICKET_WAIT_S = 0.1  # how long the tickets thread waits for a ticket when none is waiting
+IDLE_WAIT_S = 0.1  # how often an idle worker looks at Redis (new jobs wake it at once)
+TICKET_WAIT_S = 0.1  # the longest wait for a ticket: how often tickets are checked for expiry
+EVENT_WAIT_S = 0.1  # the longest wait for an announcement
+SWEEP_S = 1.0  # how often waiting tickets are looked up in Redis, in case an announcement was lost
+MAX_EVENTS = 256  # announcements handled in one turn of the events thread
 
 
 class Waiting:
@@ -41,6 +47,7 @@ class Waiting:
         self.lock = threading.Lock()
         self.new = threading.Event()  # set by a new ticket: the main thread looks at Redis now
         self.stopped = threading.Event()  # LitServe's stop message arrived
+        self._last_sweep = time.monotonic()
 
     def add(self, queue_id: int, uid: str, job_id: str, since: float) -> None:
         """``since``: LitServe's time.monotonic() at submission (CLOCK_MONOTONIC is system-wide)."""
@@ -52,6 +59,18 @@ class Waiting:
         """The tickets of ``job_id``, once: the thread that pops them answers them."""
         with self.lock:
             return self.by_job.pop(job_id, [])
+
+    def holds(self, job_id: str) -> bool:
+        with self.lock:
+            return job_id in self.by_job
+
+    def sweep_due(self, interval: float) -> bool:
+        """True at most once per ``interval`` while tickets wait (the events thread's look at Redis)."""
+        now = time.monotonic()
+        if not self.by_job or now - self._last_sweep < interval:
+            return False
+        self._last_sweep = now
+        return True
 
     def job_ids(self) -> list[str]:
         with self.lock:
@@ -89,9 +108,17 @@ class TriageLoop(LitLoop):
         stream: bool = False,
     ) -> None:
         waiting = Waiting()
-        args = (lit_api, request_queue, transport, waiting)
-        tickets = threading.Thread(target=self._tickets, args=args, name="tickets", daemon=True)
-        tickets.start()
+        events = lit_api.queue.events()
+        turns = {
+            "tickets": functools.partial(self._tickets_turn, lit_api, request_queue, transport, waiting),
+            "events": functools.partial(self._events_turn, lit_api, transport, waiting, events),
+        }
+        threads = [
+            threading.Thread(target=self._repeat, args=(turn, waiting, name), name=name, daemon=True)
+            for name, turn in turns.items()
+        ]
+        for thread in threads:
+            thread.start()
         while not waiting.stopped.is_set():
             try:
                 self._step(lit_api, transport, waiting)
@@ -101,65 +128,91 @@ class TriageLoop(LitLoop):
             except Exception:  # the worker must outlive any one bad turn
                 log.exception("the worker loop failed; going on")
                 waiting.stopped.wait(1.0)
-        tickets.join(5)
+        for thread in threads:
+            thread.join(5)
+        events.close()
 
     def _step(self, lit_api: Any, transport: Any, waiting: Waiting) -> None:
         """One turn of the main thread: wait for work, re-deliver expired leases, run a batch."""
         wait = lit_api.batch_wait()
         if wait is None or wait > 0:
-            idle = LANE_IDLE_WAIT_S if lit_api.horizon_s is not None else IDLE_WAIT_S
-            waiting.wait_for_ticket(idle if wait is None else wait)
+            waiting.wait_for_ticket(IDLE_WAIT_S if wait is None else wait)
         lit_api.reap_if_due()
         if wait is not None and wait <= 0:
             for job_id, outcome in lit_api.run_batch():
                 self._answer(transport, waiting.pop(job_id), outcome)
 
-    def _tickets(self, lit_api: Any, request_queue: Any, transport: Any, waiting: Waiting) -> None:
-        """The tickets thread: take tickets, answer the ones other workers scored, expire the rest.
-
-        It keeps answering while Redis is away: requests then time out (504) instead of hanging.
-        """
-        last_poll = 0.0
+    @staticmethod
+    def _repeat(turn: Callable[[], bool], waiting: Waiting, name: str) -> None:
+        """Run a helper thread's turns until it or the worker stops. It keeps answering while
+        Redis is away: requests then time out (504) instead of hanging."""
         while not waiting.stopped.is_set():
             try:
-                # Each wait is a round trip to LitServe's queue manager: long ones when no ticket
-                # waits for another worker's result (a ticket still arrives at once).
-                block = POLL_OTHERS_S if waiting.by_job else IDLE_TICKET_WAIT_S
-                if not self._take_tickets(request_queue, transport, waiting, block):
+                if not turn():
                     break
-                if waiting.by_job and time.monotonic() - last_poll >= POLL_OTHERS_S:
-                    last_poll = time.monotonic()
-                    for job_id, outcome in lit_api.finished(waiting.job_ids()):
-                        self._answer(transport, waiting.pop(job_id), outcome)
-                self._expire(transport, waiting, lit_api.request_timeout)
             except (EOFError, OSError):  # LitServe's queue manager is gone: the server stops
                 log.warning("LitServe's queues are closed; this worker stops")
                 break
             except RedisError:
-                log.exception("the Redis queue failed (answering); retrying in 1 s")
+                log.exception("the Redis queue failed (%s thread); retrying in 1 s", name)
                 waiting.stopped.wait(1.0)
             except Exception:  # the worker's boundary: it must outlive any one bad turn
-                log.exception("the ticket thread failed; going on")
+                log.exception("the %s thread failed; going on", name)
                 waiting.stopped.wait(1.0)
         waiting.stopped.set()
         waiting.new.set()  # the main thread stops waiting for a ticket
 
-    def _expire(self, transport: Any, waiting: Waiting, timeout: float) -> None:
-        for queue_id, uid in waiting.expired(timeout):
+    def _tickets_turn(self, lit_api: Any, request_queue: Any, transport: Any, waiting: Waiting) -> bool:
+        """Take new tickets (one round trip to LitServe's queue manager while none comes),
+        answer those whose jobs are already scored, expire old ones. False on shutdown."""
+        new = self._take_tickets(request_queue, transport, waiting, TICKET_WAIT_S)
+        if new is None:
+            return False
+        if new:  # scored before its ticket came: a repeated upload, or a quick worker elsewhere
+            self._answer_finished(lit_api, transport, waiting, new)
+        for queue_id, uid in waiting.expired(lit_api.request_timeout):
             self._reply(transport, queue_id, uid, HTTPException(504, "timed out waiting for the result"))
+        return True
 
-    def _take_tickets(self, request_queue: Any, transport: Any, waiting: Waiting, block_s: float) -> bool:
-        """Drain new tickets, blocking up to ``block_s`` for the first. False on shutdown."""
+    def _events_turn(self, lit_api: Any, transport: Any, waiting: Waiting, events: JobEvents) -> bool:
+        """Act on the queue's announcements: answer the tickets of jobs scored elsewhere, wake
+        the main thread for a new job it takes; now and then, look up every waiting ticket."""
+        done, event = [], events.next(EVENT_WAIT_S)
+        for _ in range(MAX_EVENTS):
+            if event is None:
+                break
+            if event.kind == "done" and waiting.holds(event.arg):
+                done.append(event.arg)
+            elif event.kind == "new" and lit_api.wakes_for(event.arg):
+                waiting.new.set()
+            event = events.next(0)
+        if waiting.sweep_due(SWEEP_S):
+            done = waiting.job_ids()
+        if done:
+            self._answer_finished(lit_api, transport, waiting, done)
+        return True
+
+    def _answer_finished(self, lit_api: Any, transport: Any, waiting: Waiting, job_ids: list[str]) -> None:
+        for job_id, outcome in lit_api.finished(job_ids):
+            self._answer(transport, waiting.pop(job_id), outcome)
+
+    def _take_tickets(
+        self, request_queue: Any, transport: Any, waiting: Waiting, block_s: float
+    ) -> list[str] | None:
+        """Drain new tickets, blocking up to ``block_s`` for the first; their job ids, or None
+        on shutdown."""
         timeout: float | None = max(block_s, 0.0)
+        new: list[str] = []
         while True:
             try:
                 item = request_queue.get(timeout=timeout) if timeout else request_queue.get_nowait()
             except Empty:
-                return True
+                return new
             if item == _SENTINEL_VALUE:
-                return False
+                return None
             queue_id, uid, since, ticket = item
             waiting.add(queue_id, uid, ticket.job_id, since)
+            new.append(ticket.job_id)
             # Tells LitServe which worker holds this request, so that if this worker dies the
             # request is answered (with an error) instead of waiting forever; the job itself
             # stays in Redis and is re-delivered.
