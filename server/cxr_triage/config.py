@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         description="one more inference worker that only scores jobs due within the urgent class's max "
         "wait (stat and urgent studies, and overdue ones), so they never wait for a routine batch",
     )
+    lane_preempts: bool = Field(
+        True,
+        description="on a CPU engine, routine workers stop their engine run while the urgent lane scores "
+        "and run that batch again after it, so that a stat study has every core",
+    )
     routine_nice: int = Field(
         10,
         ge=0,

@@ -1,5 +1,6 @@
 """The inference worker's batch scoring, in process: one engine call per batch, failures isolated."""
 
+import functools
 import multiprocessing
 import queue
 import threading
@@ -11,8 +12,10 @@ import pytest
 import redis
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.utils import LitAPIStatus
+from prometheus_client import REGISTRY
 
 from cxr_triage.config import Settings
+from cxr_triage.engines.onnx import Preempted, resume_runs
 from cxr_triage.errors import CxrError
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import JobQueue, NewJob
@@ -20,6 +23,8 @@ from cxr_triage.repository import BatchingSpec
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.intake import Ticket
 from cxr_triage.serving.loop import SWEEP_S, TriageLoop
+from cxr_triage.serving.versions import warm_up
+from cxr_triage.serving.yielding import MAX_PAUSE_S, uninterrupted
 
 
 def submit(q: JobQueue, pixels: np.ndarray, rid: str) -> str:
@@ -141,3 +146,64 @@ def test_a_ticket_is_answered_as_soon_as_another_worker_scores_its_job(
         tickets.put(_SENTINEL_VALUE)
         worker.join(10)
     assert not worker.is_alive(), "LitServe's stop message ends the worker"
+
+
+def test_a_routine_batch_stops_while_the_lane_scores_and_is_scored_whole_after(
+    exported_repo: Path, embedded_redis: str
+) -> None:
+    """The routine worker's engine run is interrupted while the lane's flag is up, runs again
+    once it is down, and scores exactly what an uninterrupted run scores; a flag left up (a
+    lane killed mid-batch) holds the worker back at most MAX_PAUSE_S."""
+    redis.Redis.from_url(embedded_redis).flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
+    busy = multiprocessing.get_context("spawn").Event()
+    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2), lane_busy=busy)
+    api.setup("cpu")  # a routine worker (no LITSERVE_WORKER_ID): it starts its yield thread
+    pixels = np.random.default_rng(3).random((64, 64), dtype=np.float32)
+    for rid in ("a", "b"):
+        submit(api.queue, pixels, rid)
+    reference = {o["request_id"]: o["findings"] for _, o in api.run_batch()}
+    pauses = REGISTRY.get_sample_value("cxr_triage_lane_pauses_total") or 0.0
+
+    def lane_runs_for(seconds: float) -> None:
+        busy.set()
+        time.sleep(seconds)
+        busy.clear()
+
+    try:
+        for rid in ("a", "b"):
+            submit(api.queue, pixels, rid)
+        lane = threading.Thread(target=lane_runs_for, args=(0.4,))  # shorter than MAX_PAUSE_S
+        lane.start()
+        time.sleep(0.05)  # the flag is up when the routine run starts (and during it)
+        started = time.monotonic()
+        stored = api.run_batch()
+        took = time.monotonic() - started
+        lane.join()
+        assert took >= 0.3, f"the routine batch finished in {took:.2f} s, beside the lane"
+        assert {o["request_id"]: o["findings"] for _, o in stored} == reference
+        assert (REGISTRY.get_sample_value("cxr_triage_lane_pauses_total") or 0.0) == pauses + 1
+
+        busy.set()  # never lowered: the worker goes on after MAX_PAUSE_S
+        time.sleep(0.05)
+        for rid in ("a", "b"):
+            submit(api.queue, pixels, rid)
+        started = time.monotonic()
+        stored = api.run_batch()
+        took = time.monotonic() - started
+        assert len(stored) == 2 and took < MAX_PAUSE_S + 1.5, f"held back {took:.2f} s by a stuck flag"
+        busy.clear()
+
+        # A new version's warm-up (a hot reload) meeting the lane waits for it instead of failing.
+        time.sleep(0.1)
+        model = api.models["densenet121-nih14"]
+        lane = threading.Thread(target=lane_runs_for, args=(0.3,))
+        lane.start()
+        time.sleep(0.05)
+        with pytest.raises(Preempted):
+            warm_up(model.engine, model.entry.config)
+        uninterrupted(functools.partial(warm_up, model.engine, model.entry.config))
+        lane.join()
+    finally:
+        busy.clear()
+        resume_runs()

@@ -45,6 +45,28 @@ def backend_name(provider: str) -> str:
     return _BACKEND_NAMES.get(provider, provider)
 
 
+class Preempted(RuntimeError):
+    """A run stopped by ``interrupt_runs`` (another worker took the cores); run it again."""
+
+
+# One RunOptions for every session of the process: an inference worker runs one batch at a time,
+# and ``interrupt_runs``, from another thread, stops it at the engine's next node (~1 ms).
+_RUN_OPTIONS = ort.RunOptions()
+
+
+def interrupt_runs() -> None:
+    """Stop this process's engine run in progress, and any started, until ``resume_runs``."""
+    _RUN_OPTIONS.terminate = True
+
+
+def resume_runs() -> None:
+    _RUN_OPTIONS.terminate = False
+
+
+def runs_interrupted() -> bool:
+    return bool(_RUN_OPTIONS.terminate)
+
+
 class OnnxEngine:
     """An ONNX Runtime inference session over one model file."""
 
@@ -64,10 +86,18 @@ class OnnxEngine:
         self.backend = backend_name(self._session.get_providers()[0])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self._session.run(self._outputs[:1], {self._input: batch})
+        (out,) = self._run(self._outputs[:1], batch)
         return np.asarray(out, dtype=np.float32)
 
     def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outs = self._session.run(self._outputs[:2], {self._input: batch})
+        outs = self._run(self._outputs[:2], batch)
         cam = np.asarray(outs[1], dtype=np.float32) if len(outs) > 1 else None
         return np.asarray(outs[0], dtype=np.float32), cam
+
+    def _run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        try:
+            return list(self._session.run(outputs, {self._input: batch}, _RUN_OPTIONS))
+        except Exception as exc:  # ONNX Runtime's own error classes (Fail, …)
+            if runs_interrupted():
+                raise Preempted("the run was interrupted") from exc
+            raise

@@ -85,6 +85,10 @@ CLINICAL_STUDIES = Gauge(
     multiprocess_mode="mostrecent",
 )
 JOBS_REDELIVERED = Counter("cxr_triage_jobs_redelivered_total", "Jobs re-delivered after a lease expired")
+LANE_PAUSES = Counter(
+    "cxr_triage_lane_pauses_total",
+    "Times a routine inference worker stopped its engine run for the urgent lane (CXR_LANE_PREEMPTS)",
+)
 MODEL_INFO = Gauge(
     "cxr_triage_model_info",
     "1 for each model version being served",

@@ -128,12 +128,14 @@ for i, id in ipairs(ids) do
   end
 end
 local out = {}
+-- The order of leases, by Redis and not by the workers' clocks (leased_at): an audit of priority.
+local seq = #ids > 0 and redis.call('INCR', 'cxr:lease_seq') or 0
 for _, id in ipairs(ids) do
   redis.call('ZREM', 'cxr:queue', id)
   redis.call('ZADD', 'cxr:leases', tonumber(ARGV[2]) + tonumber(ARGV[3]), id)
   local jk = 'cxr:job:' .. id
   local token = redis.call('HINCRBY', jk, 'attempts', 1)
-  redis.call('HSET', jk, 'status', 'running', 'worker', ARGV[4], 'leased_at', ARGV[2])
+  redis.call('HSET', jk, 'status', 'running', 'worker', ARGV[4], 'leased_at', ARGV[2], 'lease_seq', seq)
   out[#out + 1] = {id, token, redis.call('GET', 'cxr:payload:' .. id), redis.call('HGETALL', jk)}
 end
 return out

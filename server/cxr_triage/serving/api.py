@@ -5,6 +5,7 @@ holds configuration only and ``setup`` loads the repository and engines in the w
 versions serve, and their swap when serving.json changes, is ``serving.versions``.
 """
 
+import functools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from cxr_triage.serving.intake import Ticket, read_upload
 from cxr_triage.serving.lifecycle import die_with_parent, worker_name
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
+from cxr_triage.serving.yielding import lane_scoring, start_yielding, uninterrupted
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
 from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
 
@@ -53,11 +55,14 @@ class TriageAPI(ls.LitAPI):
         batching: BatchingSpec,
         fallback: ModelRepository | None = None,
         drain: Event | None = None,
+        lane_busy: Event | None = None,
     ) -> None:
         """``served``: model name -> the version the HTTP process validated at start-up; with
         ``fallback`` (the repository it validated) what a worker falls back to when serving.json
         names a version that does not load (see ServedVersions). ``drain``: set when the
-        replica drains; the worker then leases no new job (see serving.lifecycle)."""
+        replica drains; the worker then leases no new job (see serving.lifecycle). ``lane_busy``:
+        up while the urgent lane scores; routine workers then stop their engine runs (see
+        serving.yielding)."""
         max_batch = batching.max_batch_size
         if not accelerated(settings.backend):
             # A CPU engine's time per image is flat (or worse) past a batch of 2, and a stat
@@ -73,6 +78,7 @@ class TriageAPI(ls.LitAPI):
         self.served = dict(served)
         self.fallback = fallback
         self.drain = drain
+        self.lane_busy = lane_busy
         self.versions: ServedVersions | None = None
         self._first_ready: float | None = None
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
@@ -113,6 +119,8 @@ class TriageAPI(ls.LitAPI):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         tracing.setup_tracing(self.settings, "inference-worker")
         self._take_role()
+        if self.lane_busy is not None and self.horizon_s is None:
+            start_yielding(self.lane_busy)
         self.versions = ServedVersions(self.settings, self.served, self.fallback)
         self.versions.start()
         if not self.settings.redis_url:
@@ -169,7 +177,8 @@ class TriageAPI(ls.LitAPI):
         lease_s, horizon = self.settings.lease_s, self.horizon_s
         jobs = self.queue.lease(self.max_batch_size, self.worker, lease_s, horizon_s=horizon)
         scored_from = time.time()
-        outcomes = self.score_batch(jobs)
+        with lane_scoring(self.lane_busy if self.horizon_s is not None else None):
+            outcomes = self.score_batch(jobs)
         scored_to = time.time()
         stored = []
         for job, outcome in zip(jobs, outcomes, strict=True):
@@ -286,9 +295,8 @@ class TriageAPI(ls.LitAPI):
         tensor = to_batch(
             [job.input.pixels for job in jobs if job.input is not None], model.entry.config.input
         )
-        t0 = time.perf_counter()
-        probs, cams = model.run(tensor)
-        elapsed = time.perf_counter() - t0
+        # The urgent lane may pause the run (serving.yielding): it runs again, and is timed, whole.
+        probs, cams, elapsed = uninterrupted(functools.partial(_timed_run, model, tensor))
         expected = (len(jobs), len(model.labels))
         if probs.shape != expected or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
             raise ValueError(f"engine output {probs.shape} is not {expected} probabilities in 0-1")
@@ -325,3 +333,9 @@ class TriageAPI(ls.LitAPI):
             "batch_size": batch,
             "replica": self.settings.replica,
         }
+
+
+def _timed_run(model: LoadedModel, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, float]:
+    t0 = time.perf_counter()
+    probs, cams = model.run(tensor)
+    return probs, cams, time.perf_counter() - t0

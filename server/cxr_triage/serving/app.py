@@ -35,7 +35,7 @@ from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.finding_routes import build_finding_router
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
-from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, new_drain_event
+from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, replica_event
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
 from cxr_triage.serving.study_routes import build_study_router
 from cxr_triage.web import install_web
@@ -163,8 +163,12 @@ def build_service(settings: Settings) -> Service:
         if version is not None and warning:
             log.warning("%s version %s: %s", name, version.version, warning.upper())
     pinned = {name: version.version for name in served if (version := repo.models[name].served) is not None}
-    drain = new_drain_event()
-    api = TriageAPI(settings, pinned, repo.get(None).config.batching, fallback=repo, drain=drain)
+    drain = replica_event()
+    # The urgent lane's flag, up while it scores, for routine workers to give it the cores.
+    preempts = settings.urgent_lane and settings.lane_preempts and not accelerated(settings.backend)
+    lane_busy = replica_event() if preempts else None
+    batching = repo.get(None).config.batching
+    api = TriageAPI(settings, pinned, batching, fallback=repo, drain=drain, lane_busy=lane_busy)
     server = ls.LitServer(
         api,
         accelerator="cpu",

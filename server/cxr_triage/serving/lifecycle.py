@@ -40,8 +40,9 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
 
 
-def new_drain_event() -> Event:
-    """Shared by every process of the replica: spawn context, so spawned workers can open it."""
+def replica_event() -> Event:
+    """A flag shared by every process of the replica (the drain, the lane's): spawn context,
+    so spawned workers can open it."""
     return get_context("spawn").Event()
 
 

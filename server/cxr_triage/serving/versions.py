@@ -6,6 +6,7 @@ the engines of the versions it names are built and warmed up first and swapped i
 batches; if they do not load, the old ones keep serving (no restart, no failed request).
 """
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cxr_triage.repository import (
 )
 from cxr_triage.schemas import ZERO_SHOT_WARNING, provenance_warning
 from cxr_triage.serving.reload import ServingWatch, read_serving, serving_versions
+from cxr_triage.serving.yielding import uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +218,10 @@ class ServedVersions:
         engine: Engine | GzslEngine
         if entry.config.type == "gzsl":
             engine = GzslEngine(version.path, self.settings.backend, self.settings.intra_op_threads)
-            warm_up_gzsl(engine, entry.config)
+            uninterrupted(functools.partial(warm_up_gzsl, engine, entry.config))
         else:
             engine = OnnxEngine(version.engine_path, self.settings.backend, self.settings.intra_op_threads)
-            warm_up(engine, entry.config)
+            uninterrupted(functools.partial(warm_up, engine, entry.config))  # a warm-up may meet the lane
         weights = version.metadata.weights
         log.info(
             "loaded %s version %s on %s (weights: %s)", entry.name, version.version, engine.backend, weights
