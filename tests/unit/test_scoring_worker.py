@@ -20,6 +20,8 @@ from cxr_triage.errors import CxrError
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import BatchingSpec
+from cxr_triage.schemas import Priority
+from cxr_triage.serving import yielding
 from cxr_triage.serving.api import TriageAPI
 from cxr_triage.serving.intake import Ticket
 from cxr_triage.serving.loop import SWEEP_S, TriageLoop
@@ -27,9 +29,9 @@ from cxr_triage.serving.versions import warm_up
 from cxr_triage.serving.yielding import MAX_PAUSE_S, uninterrupted
 
 
-def submit(q: JobQueue, pixels: np.ndarray, rid: str) -> str:
+def submit(q: JobQueue, pixels: np.ndarray, rid: str, priority: Priority = "routine") -> str:
     item = ModelInput(pixels=pixels, source="png", warnings=[], decode_ms=1.0)
-    return q.submit(NewJob("densenet121-nih14", "routine", item, rid)).job_id
+    return q.submit(NewJob("densenet121-nih14", priority, item, rid)).job_id
 
 
 def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
@@ -149,10 +151,11 @@ def test_a_ticket_is_answered_as_soon_as_another_worker_scores_its_job(
 
 
 def test_a_routine_batch_stops_while_the_lane_scores_and_is_scored_whole_after(
-    exported_repo: Path, embedded_redis: str
+    exported_repo: Path, embedded_redis: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The routine worker's engine run is interrupted while the lane's flag is up, runs again
-    once it is down, and scores exactly what an uninterrupted run scores; a flag left up (a
+    once it is down, and scores exactly what an uninterrupted run scores; stat jobs that the
+    routine worker took go on beside the lane; a flag left up (a
     lane killed mid-batch) holds the worker back at most MAX_PAUSE_S."""
     redis.Redis.from_url(embedded_redis).flushall()
     settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
@@ -183,6 +186,20 @@ def test_a_routine_batch_stops_while_the_lane_scores_and_is_scored_whole_after(
         assert took >= 0.3, f"the routine batch finished in {took:.2f} s, beside the lane"
         assert {o["request_id"]: o["findings"] for _, o in stored} == reference
         assert (REGISTRY.get_sample_value("cxr_triage_lane_pauses_total") or 0.0) == pauses + 1
+
+        # Stat jobs that a routine worker took (the lane was busy) go on beside the lane.
+        monkeypatch.setattr(yielding, "MAX_PAUSE_S", 5.0)  # a pause would now be plain to see
+        for rid in ("s1", "s2"):
+            submit(api.queue, pixels, rid, priority="stat")
+        lane = threading.Thread(target=lane_runs_for, args=(3.0,))
+        lane.start()
+        time.sleep(0.05)
+        started = time.monotonic()
+        stored = api.run_batch()
+        took = time.monotonic() - started
+        assert len(stored) == 2 and took < 1.5, f"a stat batch waited {took:.2f} s for the lane"
+        lane.join()
+        monkeypatch.undo()
 
         busy.set()  # never lowered: the worker goes on after MAX_PAUSE_S
         time.sleep(0.05)

@@ -37,7 +37,7 @@ from cxr_triage.serving.intake import Ticket, read_upload
 from cxr_triage.serving.lifecycle import die_with_parent, worker_name
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
-from cxr_triage.serving.yielding import lane_scoring, start_yielding, uninterrupted
+from cxr_triage.serving.yielding import scoring, start_yielding, uninterrupted
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
 from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
 
@@ -177,7 +177,8 @@ class TriageAPI(ls.LitAPI):
         lease_s, horizon = self.settings.lease_s, self.horizon_s
         jobs = self.queue.lease(self.max_batch_size, self.worker, lease_s, horizon_s=horizon)
         scored_from = time.time()
-        with lane_scoring(self.lane_busy if self.horizon_s is not None else None):
+        urgent = any(job.fields.get("priority") in ("stat", "urgent") for job in jobs)
+        with scoring(self.lane_busy, lane=self.horizon_s is not None, urgent=urgent):
             outcomes = self.score_batch(jobs)
         scored_to = time.time()
         stored = []
