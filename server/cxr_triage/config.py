@@ -188,6 +188,12 @@ class Settings(BaseSettings):
         return folder
 
 
+def litserve_worker_id() -> str | None:
+    """This inference worker's number, which LitServe sets in each worker process before
+    ``setup`` (after Settings were built in the parent, so it is not a Settings field)."""
+    return os.environ.get("LITSERVE_WORKER_ID")
+
+
 class TrainerSettings(BaseSettings):
     """The trainer's environment: where MLflow records go, and the launch torchrun describes.
 

@@ -23,7 +23,7 @@ import litserve as ls
 import numpy as np
 from fastapi import Depends
 
-from cxr_triage.config import Settings
+from cxr_triage.config import Settings, litserve_worker_id
 from cxr_triage.engines import accelerated
 from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.imaging import to_batch
@@ -103,7 +103,7 @@ class TriageAPI(ls.LitAPI):
         decoding processes, get the cores as soon as they need them. LitServe names the
         worker in LITSERVE_WORKER_ID before ``setup``."""
         s = self.settings
-        if s.urgent_lane and os.environ.get("LITSERVE_WORKER_ID") == str(s.inference_workers):
+        if s.urgent_lane and litserve_worker_id() == str(s.inference_workers):
             self.horizon_s = s.max_wait_s["urgent"]
             # Nearly alone on the engines' cores when it runs (the others are niced): all of them.
             cores = s.inference_workers * s.intra_op_threads

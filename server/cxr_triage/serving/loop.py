@@ -119,20 +119,12 @@ class TriageLoop(LitLoop):
         ]
         for thread in threads:
             thread.start()
-        while not waiting.stopped.is_set():
-            try:
-                self._step(lit_api, transport, waiting)
-            except RedisError:
-                log.exception("the Redis queue failed; retrying in 1 s")
-                waiting.stopped.wait(1.0)
-            except Exception:  # the worker must outlive any one bad turn
-                log.exception("the worker loop failed; going on")
-                waiting.stopped.wait(1.0)
+        self._repeat(functools.partial(self._step, lit_api, transport, waiting), waiting, "main")
         for thread in threads:
             thread.join(5)
         events.close()
 
-    def _step(self, lit_api: Any, transport: Any, waiting: Waiting) -> None:
+    def _step(self, lit_api: Any, transport: Any, waiting: Waiting) -> bool:
         """One turn of the main thread: wait for work, re-deliver expired leases, run a batch."""
         wait = lit_api.batch_wait()
         if wait is None or wait > 0:
@@ -141,11 +133,13 @@ class TriageLoop(LitLoop):
         if wait is not None and wait <= 0:
             for job_id, outcome in lit_api.run_batch():
                 self._answer(transport, waiting.pop(job_id), outcome)
+        return True
 
     @staticmethod
     def _repeat(turn: Callable[[], bool], waiting: Waiting, name: str) -> None:
-        """Run a helper thread's turns until it or the worker stops. It keeps answering while
-        Redis is away: requests then time out (504) instead of hanging."""
+        """Run one thread's turns (main, tickets, events) until it or the worker stops, with
+        one error policy. The helpers keep answering while Redis is away: requests then time
+        out (504) instead of hanging."""
         while not waiting.stopped.is_set():
             try:
                 if not turn():
