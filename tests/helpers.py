@@ -1,5 +1,6 @@
 """Shared test helpers: real DICOM from pydicom-data, images, a tiny model repository, a server."""
 
+import ctypes
 import io
 import os
 import re
@@ -115,6 +116,15 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here: the child after fork only calls it
+
+
+def _die_with_pytest() -> None:
+    """In the server's process before exec: SIGTERM (a drain) when pytest ends, however it ends,
+    so that a killed test run leaves no server behind (PR_SET_PDEATHSIG; Linux)."""
+    _LIBC.prctl(1, signal.SIGTERM)
+
+
 def start_server(
     repo: Path,
     env: dict[str, str] | None = None,
@@ -138,6 +148,7 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_pytest,
         )
     return ServerProcess(proc, f"http://{address}:{port}", log_path)
 

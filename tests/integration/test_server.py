@@ -223,17 +223,32 @@ def test_unknown_route_is_json_404(server: str) -> None:
 
 
 def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Also: each process of the replica names itself after its role, and the engine's CPU time
+    is counted (a share of what the inference workers used)."""
     import re
 
-    from tests.helpers import running_server
+    import psutil
+
+    from tests.helpers import start_server, stop
 
     env = {"CXR_INFERENCE_WORKERS": "2", "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_DECODE_WORKERS": "1"}
-    with running_server(exported_repo, env, timeout=120) as url:
+    server = start_server(exported_repo, env)
+    try:
+        url = server.wait_ready(120).url
         body = png_bytes(chest_u8(64))
         with cf.ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(lambda _: post(url, body, "image/png").status_code, range(24)))
         assert statuses == [200] * 24
         text = metrics_text(url)
+        roles: dict[str, list[float]] = {}
+        main = psutil.Process(server.proc.pid)
+        for p in [main, *main.children(recursive=True)]:
+            if p.name() != "redis-server" and "resource_tracker" not in " ".join(p.cmdline()):
+                cpu = p.cpu_times()
+                roles.setdefault(p.name(), []).append(cpu.user + cpu.system)
+    finally:
+        stop(server.proc)
+        server.log_path.unlink(missing_ok=True)
 
     def value(pattern: str) -> float:
         return sum(float(m) for m in re.findall(pattern + r" ([0-9.e+]+)", text))
@@ -241,3 +256,14 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
     assert value(r'cxr_triage_requests_total\{method="POST",route="/v1/predict",status="200"\}') == 24
     assert value(r'cxr_triage_batch_size_sum\{model="densenet121-nih14"\}') == 24  # images scored
     assert text.count("cxr_triage_model_info{") == 3  # one live series per worker process (and the lane)
+    # main and LitServe's manager (forked from it); LitServe's HTTP servers, one decoder each
+    http = len(roles.get("cxr-http", []))
+    assert http >= 1 and {name: len(cpu) for name, cpu in roles.items()} == {
+        "cxr-main": 2,
+        "cxr-http": http,
+        "cxr-decoder": http,
+        "cxr-worker": 2,
+        "cxr-lane": 1,
+    }, roles
+    engine = value(r'cxr_triage_engine_cpu_seconds_total\{[^}]*model="densenet121-nih14"[^}]*\}')
+    assert 0 < engine < sum(roles["cxr-worker"]) + sum(roles["cxr-lane"])

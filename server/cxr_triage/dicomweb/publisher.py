@@ -28,6 +28,7 @@ from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, RedisHandle
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import ModelRepository
+from cxr_triage.serving.lifecycle import name_process
 
 log = logging.getLogger(__name__)
 OUTBOX, WORKING, FAILED = "cxr:outbox:sr", "cxr:outbox:sr:working", "cxr:outbox:sr:failed"
@@ -106,6 +107,7 @@ def run_pacs_worker(settings: Settings) -> None:
     from cxr_triage.dicomweb.pull import PacsPuller
     from cxr_triage.imaging import ImageLimits
 
+    name_process("pacs")
     configure_logging(settings.log_level)
     tracing.setup_tracing(settings, "pacs-worker")
     if not settings.redis_url:

@@ -53,6 +53,11 @@ INFERENCE_SECONDS = Histogram(
     ["model", "version", "backend"],
     buckets=_LATENCY_BUCKETS,
 )
+ENGINE_CPU_SECONDS = Counter(
+    "cxr_triage_engine_cpu_seconds_total",
+    "CPU time the inference workers spent in engine runs (compare with the service's whole CPU use)",
+    ["model", "version", "backend"],
+)
 QUEUE_DEPTH = Gauge(
     "cxr_triage_queue_depth",
     "Jobs waiting in the queue by priority class",

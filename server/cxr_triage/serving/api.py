@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.synchronize import Event
 from typing import Annotated, Any
 
@@ -34,7 +34,7 @@ from cxr_triage.queue.findings import FindingStore
 from cxr_triage.repository import BatchingSpec, ModelRepository
 from cxr_triage.schemas import PredictResponse
 from cxr_triage.serving.intake import Ticket, read_upload
-from cxr_triage.serving.lifecycle import die_with_parent, worker_name
+from cxr_triage.serving.lifecycle import die_with_parent, name_process, worker_name
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
 from cxr_triage.serving.yielding import scoring, start_yielding, uninterrupted
@@ -84,6 +84,7 @@ class TriageAPI(ls.LitAPI):
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
         self.horizon_s: float | None = None  # set in the urgent lane's worker (_take_role)
+        self._engine_clock: Callable[[], float] = time.process_time  # setup picks the thread's clock
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -119,6 +120,7 @@ class TriageAPI(ls.LitAPI):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         tracing.setup_tracing(self.settings, "inference-worker")
         self._take_role()
+        name_process("worker" if self.horizon_s is None else "lane")
         if self.lane_busy is not None and self.horizon_s is None:
             start_yielding(self.lane_busy)
         self.versions = ServedVersions(self.settings, self.served, self.fallback)
@@ -129,6 +131,9 @@ class TriageAPI(ls.LitAPI):
         self.queue = JobQueue(client, self.settings.max_wait_s, self.settings.backfill_batch)
         self.added = FindingStore(client)
         self.worker = worker_name(self.settings.replica, os.getpid())
+        # CPU time of engine runs: a single-threaded engine runs in this thread; with more, the
+        # engine's own threads count too (so does this process's other threads' brief work).
+        self._engine_clock = time.thread_time if self.settings.intra_op_threads == 1 else time.process_time
         if self.horizon_s is not None:
             self.worker += "/urgent"
             log.info("worker %s is the urgent lane (jobs due within %.0f s)", self.worker, self.horizon_s)
@@ -297,11 +302,15 @@ class TriageAPI(ls.LitAPI):
             [job.input.pixels for job in jobs if job.input is not None], model.entry.config.input
         )
         # The urgent lane may pause the run (serving.yielding): it runs again, and is timed, whole.
+        cpu = self._engine_clock()
         probs, cams, elapsed = uninterrupted(functools.partial(_timed_run, model, tensor))
+        ref = model.ref
+        metrics.ENGINE_CPU_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).inc(
+            self._engine_clock() - cpu
+        )
         expected = (len(jobs), len(model.labels))
         if probs.shape != expected or not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
             raise ValueError(f"engine output {probs.shape} is not {expected} probabilities in 0-1")
-        ref = model.ref
         metrics.BATCH_SIZE.labels(ref["name"]).observe(len(jobs))
         metrics.INFERENCE_SECONDS.labels(ref["name"], ref["version"], ref["backend"]).observe(elapsed)
         for i, job in enumerate(jobs):  # studies keep what the model saw (and its CAMs, if any)

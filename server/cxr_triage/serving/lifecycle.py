@@ -1,7 +1,8 @@
 """A replica's life among others on one Redis: its identity, its processes, its drain.
 
 A replica is one ``cxr-triage serve``: a main process, LitServe's HTTP processes (forked) and
-inference workers (spawned), and the decoding pools of the HTTP processes. Every process of a
+inference workers (spawned), and the decoding pools of the HTTP processes. Each names itself
+(``name_process``) so that ``ps``, ``top`` and the benchmarks tell them apart. Every process of a
 replica dies with its parent (PR_SET_PDEATHSIG), so a replica killed with SIGKILL leaves no
 orphan serving its port or scoring jobs; the jobs it held are re-delivered from Redis once
 their lease expires.
@@ -38,6 +39,31 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """This process gets ``sig`` when its parent ends, however it ends (Linux PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+
+
+def die_with_parent_as(name: str, sig: int) -> None:
+    """A pool initializer: ``name_process(name)``, then ``die_with_parent(sig)``."""
+    name_process(name)
+    die_with_parent(sig)
+
+
+# The replica's processes, as ``name_process`` names them (the kernel keeps 15 bytes).
+PROCESS_NAMES = {
+    "main": "cxr-main",  # the one ``cxr-triage serve`` (and LitServe's manager, forked from it)
+    "http": "cxr-http",  # a LitServe HTTP server
+    "worker": "cxr-worker",  # a routine inference worker
+    "lane": "cxr-lane",  # the urgent lane's inference worker
+    "decoder": "cxr-decoder",  # a decoding process of an HTTP server
+    "pacs": "cxr-pacs",  # the PACS process (SRs out, polling in)
+}
+
+
+def name_process(role: str) -> None:
+    """Name this process after its role in the replica (``PROCESS_NAMES``): what ``ps -o comm``,
+    ``top`` and /proc/PID/comm show (Linux PR_SET_NAME, from the process's main thread)."""
+    name = PROCESS_NAMES[role].encode()[:15]
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
 
 
 def replica_event() -> Event:

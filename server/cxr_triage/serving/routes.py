@@ -1,12 +1,14 @@
 """Routes beside LitServe's predict endpoint: probes, models, metrics. Thin: logic lives below."""
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import suppress
 
 import redis
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Response
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxr_triage.engines.onnx import backend_name, choose_providers
 from cxr_triage.errors import NotReady
@@ -173,19 +175,38 @@ def document_predict(app: FastAPI) -> None:
 
 
 def install_request_metrics(app: FastAPI) -> None:
-    """Count every request by route template (bounded), method and status."""
+    """Count every request by route template (bounded), method and status; name it (X-Request-ID)."""
+    app.add_middleware(RequestMetrics)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+
+class RequestMetrics:
+    """Pure ASGI (no BaseHTTPMiddleware: it runs each request's app in a task of its own and
+    re-streams the response, a cost on every request): sets REQUEST_ID for the logs, answers
+    X-Request-ID, and counts and times the request until its last byte is sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        request_id = request_id_for(request.headers.get("x-request-id", ""))
+        request_id = request_id_for(Headers(scope=scope).get("x-request-id", ""))
+        status = 500  # an app that raises before answering: ServerErrorMiddleware answers 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
         token = REQUEST_ID.set(request_id)
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
-        response.headers["X-Request-ID"] = request_id
-        route = getattr(request.scope.get("route"), "path", "other")
-        metrics.REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
-        return response
+            route = getattr(scope.get("route"), "path", "other")
+            metrics.REQUESTS.labels(route, scope["method"], str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
