@@ -21,13 +21,14 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -219,6 +220,20 @@ class Plan:
     def smoke(self) -> bool:
         return self.duration < SMOKE_BELOW_S
 
+    @property
+    def partial(self) -> bool:
+        """Fewer cells than the default run: its results do not replace peers-latest.*."""
+        full = parse_args([])
+        return (self.inputs, self.concurrency, self.peers, self.priority) != (
+            full.inputs,
+            full.concurrency,
+            full.peers,
+            full.priority,
+        ) or (self.priority_input, self.priority_concurrency) != (
+            full.priority_input,
+            full.priority_concurrency,
+        )
+
 
 def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -300,6 +315,10 @@ class Cell:
     other_cpu_s: float
     wall_s: float  # between the CPU snapshots
     priority: bool = False
+    # cxr-triage only: its server CPU seconds by process name (serving.lifecycle.PROCESS_NAMES),
+    # and the engine's share, from its cxr_triage_engine_cpu_seconds_total.
+    roles_cpu_s: dict[str, float] = field(default_factory=dict)
+    engine_cpu_s: float | None = None
 
     def ok(self, kind: str = "routine") -> int:
         return len(self.latencies_ms.get(kind, []))
@@ -331,6 +350,8 @@ class Cell:
             "seconds": self.seconds,
             "busy": self.busy,
             "cpu_s": {"server": self.server_cpu_s, "client": self.client_cpu_s, "other": self.other_cpu_s},
+            "server_cpu_s_by_process": self.roles_cpu_s,
+            "engine_cpu_s": self.engine_cpu_s,
             "classes": {
                 k: {
                     "ok": self.ok(k),
@@ -614,6 +635,7 @@ class Running:
     url: str  # the predict endpoint
     roots: list[int]  # the server's process tree: session / group leaders
     idle_cores: float = 0.0  # its CPU use with no requests (Ray's background processes), once started
+    metrics_url: str | None = None  # cxr-triage's /metrics: the engine's CPU time
 
 
 def peer_env(peer: Peer, engine: Path, config: ModelConfig, port: int, home: Path) -> dict[str, str]:
@@ -678,7 +700,8 @@ def start_peer(peer: Peer, engine: Path, config: ModelConfig) -> Iterator[Runnin
     if peer.script is None:
         with running_server() as (url, pgid, data_dir):
             redis = embedded_redis(data_dir)
-            yield Running(peer, f"{url}/v1/predict", [pgid] + ([redis] if redis else []))
+            roots = [pgid] + ([redis] if redis else [])
+            yield Running(peer, f"{url}/v1/predict", roots, metrics_url=f"{url}/metrics")
         return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cxr-peer-") as home, tempfile.TemporaryFile() as log:
@@ -755,24 +778,56 @@ def settle(running: "Running", limit_s: float = 30.0) -> None:
         pass
 
 
-def run_loadgen(running: Running, job: dict[str, Any]) -> tuple[dict[str, Any], CpuSnapshot, CpuSnapshot]:
+@dataclass
+class Window:
+    """What run_loadgen saw at the edges of the load generator's window."""
+
+    result: dict[str, Any]
+    before: CpuSnapshot
+    after: CpuSnapshot
+    engine_cpu_s: float | None  # cxr-triage's engine CPU seconds in the window
+
+
+def engine_cpu_seconds(metrics_url: str | None) -> float | None:
+    """cxr_triage_engine_cpu_seconds_total, summed over its series (None: not served)."""
+    if metrics_url is None:
+        return None
+    text = httpx.get(metrics_url, timeout=30).text
+    found = re.findall(r"^cxr_triage_engine_cpu_seconds_total\{[^}]*\} (\S+)$", text, re.M)
+    return sum(float(v) for v in found) if found else None
+
+
+def process_names(pids: Iterable[int]) -> dict[int, str]:
+    """/proc/PID/comm of each process still alive: cxr-triage's name their role."""
+    out = {}
+    for pid in pids:
+        with suppress(OSError):
+            out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+    return out
+
+
+def run_loadgen(running: Running, job: dict[str, Any]) -> Window:
     """The load generator as its own process; CPU snapshots at its window's start and end."""
     proc = subprocess.Popen(
         [sys.executable, str(LOADGEN), json.dumps(job)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     before = after = None
+    engine: list[float | None] = []
     result: dict[str, Any] | None = None
     for line in proc.stdout:
         if line.startswith("window start"):
             before = snapshot(running.roots, proc.pid)
+            engine.append(engine_cpu_seconds(running.metrics_url))
         elif line.startswith("window end"):
             after = snapshot(running.roots, proc.pid)
+            engine.append(engine_cpu_seconds(running.metrics_url))
         elif line.startswith("{"):
             result = json.loads(line)
     if proc.wait() != 0 or result is None or before is None or after is None:
         raise RuntimeError(f"the load generator failed (exit {proc.returncode})")
-    return result, before, after
+    start, end = engine
+    return Window(result, before, after, None if start is None or end is None else end - start)
 
 
 def measure_cell(
@@ -798,9 +853,15 @@ def measure_cell(
             "stat_every": plan.stat_every,
             "stat_params": {"priority": "stat"},
         }
-    result, before, after = run_loadgen(running, job)
+    window = run_loadgen(running, job)
+    result, before, after = window.result, window.before, window.after
     # Per process, so that a process started or ended in the window counts only its own share.
-    server = sum(cpu - before.server.get(pid, 0.0) for pid, cpu in after.server.items())
+    used = {pid: cpu - before.server.get(pid, 0.0) for pid, cpu in after.server.items()}
+    server = sum(used.values())
+    roles: dict[str, float] = {}
+    if running.metrics_url is not None:
+        for pid, name in process_names(used).items():
+            roles[name] = roles.get(name, 0.0) + used[pid]
     client = after.client - before.client
     classes = result["classes"] if priority else {"routine": result["classes"]["routine"]}
     return Cell(
@@ -815,6 +876,8 @@ def measure_cell(
         other_cpu_s=max(0.0, after.busy - before.busy - server - client),
         wall_s=after.wall - before.wall,
         priority=priority,
+        roles_cpu_s=roles,
+        engine_cpu_s=window.engine_cpu_s,
     )
 
 
@@ -1119,6 +1182,101 @@ def targets_section(run: Run) -> list[str]:
     ]
 
 
+# cxr-triage's processes (serving.lifecycle.PROCESS_NAMES) as the CPU breakdown shows them
+CPU_PARTS = (
+    ("HTTP", ("cxr-http",)),
+    ("decoders", ("cxr-decoder",)),
+    ("Redis", ("redis-server",)),
+    ("main + manager", ("cxr-main",)),
+)
+TARGET_FACTOR = 0.95  # issue 13's PNG c16 target, as a share of the best naive's throughput
+
+
+def per_request_ms(cpu_s: float, cell: Cell) -> float:
+    return 1000.0 * cpu_s / cell.ok() if cell.ok() else float("nan")
+
+
+def cpu_rows(run: Run) -> list[list[str]]:
+    """One row per cxr-triage cell: its server CPU per request, split by process, against the
+    per-request cost of the best naive and of plain LitServe in the same cell (both less the
+    bare engine's CPU per image) and the budget the PNG c16 target leaves."""
+    bare_ms = 1000.0 * run.cores / run.bare_img_s if run.bare_img_s else float("nan")
+    rows = []
+    for c in run.cells:
+        if c.peer != "cxr-triage" or c.priority or not c.roles_cpu_s or c.engine_cpu_s is None:
+            continue
+        roles = dict(c.roles_cpu_s)
+        workers = roles.pop("cxr-worker", 0.0) + roles.pop("cxr-lane", 0.0) - c.engine_cpu_s
+        parts = [per_request_ms(sum(roles.pop(n, 0.0) for n in names), c) for _, names in CPU_PARTS]
+        other = per_request_ms(sum(roles.values()), c)
+        total = per_request_ms(c.server_cpu_s, c)
+        naive, plain = (
+            best_naive(run.cells, c.input, c.concurrency),
+            find(run.cells, "litserve", c.input, c.concurrency),
+        )
+        naive_ms = per_request_ms(naive.server_cpu_s, naive) if naive else float("nan")
+        plain_ms = per_request_ms(plain.server_cpu_s, plain) if plain else float("nan")
+        # At this cell's server cores, 0.95x the best naive's req/s allows this much CPU per request.
+        budget = (
+            1000.0 * c.server_cpu_s / c.wall_s / (TARGET_FACTOR * naive.throughput())
+            if naive
+            else float("nan")
+        )
+        rows.append(
+            [
+                f"{c.input} c{c.concurrency}",
+                f"{c.throughput():.1f}",
+                fmt(total, 1),
+                fmt(per_request_ms(c.engine_cpu_s, c), 1),
+                fmt(total - per_request_ms(c.engine_cpu_s, c), 1),
+                fmt(per_request_ms(workers, c), 1),
+                *(fmt(v, 1) for v in parts),
+                fmt(other, 1),
+                fmt(naive_ms - bare_ms, 1),
+                fmt(plain_ms - bare_ms, 1),
+                fmt(budget - bare_ms, 1),
+            ]
+        )
+    return rows
+
+
+def cpu_section(run: Run) -> list[str]:
+    rows = cpu_rows(run)
+    if not rows:
+        return []
+    header = [
+        "cell",
+        "req/s",
+        "server CPU ms/req",
+        "engine",
+        "all but the engine",
+        "inference workers, outside the engine",
+        *(name for name, _ in CPU_PARTS),
+        "other",
+        "best naive: all but the engine",
+        "plain LitServe: all but the engine",
+        f"left for all but the engine at {TARGET_FACTOR:g}x naive",
+    ]
+    bare = f"{1000.0 * run.cores / run.bare_img_s:.1f}" if run.bare_img_s else "n/a"
+    return [
+        "## Where cxr-triage's CPU goes",
+        "",
+        *table(header, rows),
+        "",
+        "CPU milliseconds per 200 reply in each cxr-triage cell, by process (each process of a replica "
+        "names itself after its role), in the same windows as *Results*. *engine*: the inference "
+        "workers' CPU time inside engine runs (cxr_triage_engine_cpu_seconds_total); *inference "
+        "workers, outside the engine*: the rest of the workers' and the urgent lane's CPU (leasing, "
+        "storing, answering, announcements); *main + manager*: the replica's main process and "
+        "LitServe's request/response manager forked from it. The peers' columns are their server "
+        f"CPU per reply less the bare engine's CPU per image at its best layout ({bare} ms, "
+        "*Bare engine*): what their HTTP, decoding and serving cost. The last column is what the PNG "
+        f"c16 target leaves: to serve {TARGET_FACTOR:g}x the best naive's req/s on the cores this "
+        "cell's server used, a reply may cost at most this much CPU beyond the bare engine's.",
+        "",
+    ]
+
+
 def peers_section(run: Run) -> list[str]:
     rows = [
         [
@@ -1171,6 +1329,7 @@ def render(run: Run) -> str:
         *targets_section(run),
         *results_section(run),
         *priority_section(run),
+        *cpu_section(run),
         *bare_section(run),
         *peers_section(run),
     ]
@@ -1213,10 +1372,12 @@ def plot(run: Run, path: Path) -> None:
 
 
 def write_outputs(run: Run, text: str) -> list[Path]:
-    """peers-<machine>-<date>[-smoke].md, peers-latest.md / .json / .png, each written atomically."""
+    """peers-<machine>-<date>[-smoke].md, peers-latest.md / .json / .png, each written atomically.
+    A partial run (fewer cells than the default) writes peers-<machine>-<date>-partial.md / .json
+    only: peers-latest stays the last whole comparison."""
     out = run.plan.results_dir
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "-smoke" if run.plan.smoke else ""
+    suffix = "-smoke" if run.plan.smoke else ("-partial" if run.plan.partial else "")
     dated = out / f"peers-{machine_tag()}-{run.started:%Y%m%d}{suffix}.md"
     summary = {
         "started": run.started.isoformat(),
@@ -1226,15 +1387,20 @@ def write_outputs(run: Run, text: str) -> list[Path]:
         "ceiling_req_s": {kind: run.ceiling(kind) for kind in run.decode_cpu_ms},
         "cells": [c.summary() for c in run.cells],
     }
-    files = {
-        dated: text,
-        out / "peers-latest.md": text,
-        out / "peers-latest.json": json.dumps(summary, indent=1),
-    }
+    if run.plan.partial and not run.plan.smoke:
+        files = {dated: text, dated.with_suffix(".json"): json.dumps(summary, indent=1)}
+    else:
+        files = {
+            dated: text,
+            out / "peers-latest.md": text,
+            out / "peers-latest.json": json.dumps(summary, indent=1),
+        }
     for path, content in files.items():
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(content)
         tmp.replace(path)
+    if run.plan.partial and not run.plan.smoke:
+        return list(files)
     png = out / "peers-latest.png"
     tmp = out / "peers-latest.tmp.png"
     plot(run, tmp)

@@ -180,6 +180,59 @@ def test_report_tables_are_well_formed() -> None:
     ]
 
 
+def test_cpu_breakdown_splits_our_cpu_by_process_against_the_peers_and_the_budget() -> None:
+    plan = bp.parse_args(["--duration", "3", "--inputs", "png", "--concurrency", "16"])
+    ours = cell("cxr-triage", req_s=30.0)  # 300 replies, 18 CPU s
+    ours.roles_cpu_s = {
+        "cxr-worker": 10.0,
+        "cxr-lane": 1.0,
+        "cxr-http": 3.0,
+        "cxr-decoder": 1.5,
+        "redis-server": 0.9,
+        "cxr-main": 0.6,
+        "python3": 1.0,  # multiprocessing's resource tracker: "other"
+    }
+    ours.engine_cpu_s = 9.0
+    cells = [cell("naive-t2", req_s=40.0), cell("litserve", req_s=30.0), ours]
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=cells, cores=2)
+    run.bare = [bp.Throughput("bare", 1, 100, 2.0, [])]  # 50 img/s on 2 cores: 40 ms per image
+    # total 60 ms/reply: engine 30, the rest 30 = workers (10 + 1 - 9 s) 6.7, HTTP 10, decoders 5,
+    # Redis 3, main 2, other 3.3; naive 45 ms/reply and LitServe 60, less the bare 40; the
+    # budget: 1.8 cores / (0.95 x 40 req/s) = 47.4 ms, less 40
+    assert bp.cpu_rows(run) == [
+        [
+            "png c16",
+            "30.0",
+            "60.0",
+            "30.0",
+            "30.0",
+            "6.7",
+            "10.0",
+            "5.0",
+            "3.0",
+            "2.0",
+            "3.3",
+            "5.0",
+            "20.0",
+            "7.4",
+        ]
+    ]
+    text = "\n".join(bp.cpu_section(run))
+    assert "## Where cxr-triage's CPU goes" in text and "40.0 ms" in text
+    ours.engine_cpu_s = None  # no engine figure (an older server): no breakdown rather than a wrong one
+    assert bp.cpu_section(run) == []
+
+
+def test_a_partial_run_leaves_the_latest_whole_comparison_alone(tmp_path: Path) -> None:
+    assert not bp.parse_args([]).partial
+    assert bp.parse_args(["--inputs", "png"]).partial and bp.parse_args(["--no-priority"]).partial
+    plan = bp.parse_args(["--inputs", "png", "--concurrency", "16", "--results-dir", str(tmp_path)])
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=[cell("naive-t1")])
+    written = bp.write_outputs(run, "# partial\n")
+    assert {p.name for p in written} == {p.name for p in tmp_path.iterdir()}
+    assert all(p.name.endswith(("-partial.md", "-partial.json")) for p in written) and len(written) == 2
+
+
 def tiny_model(path: Path, size: int) -> None:
     """(N, 3, size, size) -> 14 sigmoid outputs: global average pool and one linear layer."""
     import onnx
