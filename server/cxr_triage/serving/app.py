@@ -35,7 +35,7 @@ from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.finding_routes import build_finding_router
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
-from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, replica_event
+from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, name_process, replica_event
 from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
 from cxr_triage.serving.study_routes import build_study_router
 from cxr_triage.web import install_web
@@ -54,6 +54,7 @@ class Service:
         """Serve until SIGTERM (a drain: serving.lifecycle) or Ctrl-C (LitServe stops at once),
         then shut LitServe down and stop the embedded Redis."""
         s = self.intake.settings
+        name_process("main")
         signal.signal(signal.SIGTERM, functools.partial(self._on_sigterm, os.getpid()))
         # Every process LitServe forks (HTTP servers, its multiprocessing manager) dies with this
         # one: a replica killed with SIGKILL leaves nothing serving its port.
@@ -208,6 +209,7 @@ def _follow_serving(app: FastAPI, intake: Intake) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        name_process("http")
         async with litserve_lifespan(app):
             task = asyncio.create_task(intake.follow_serving(), name="follow-serving-json")
             try:
