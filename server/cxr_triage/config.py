@@ -66,7 +66,15 @@ class Settings(BaseSettings):
         description="OS niceness of the inference workers that score routine work; the urgent lane, HTTP "
         "and decoding keep the default, so a stat study is not queued for CPU behind routine inference",
     )
-    decode_workers: int = Field(0, ge=0, description="image decoding processes; 0 = one per core")
+    decode_workers: int = Field(
+        0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per core"
+    )
+    inline_decode_pixels: int = Field(
+        512 * 512,
+        ge=0,
+        description="PNG and JPEG uploads of at most this many pixels are decoded in the HTTP process "
+        "(under a millisecond), larger ones and DICOM in the decoding processes; 0 = always there",
+    )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body accepted")
     max_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (rows x columns)")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer is answered 504")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cxr_triage import errors
-from cxr_triage.imaging import ImageLimits, decode, prepare, sniff
+from cxr_triage.imaging import ImageLimits, decode, prepare, small_raster, sniff
 from cxr_triage.repository.models import InputSpec
 from tests.helpers import chest_u8, dicom_bytes, jpeg_bytes, png_bytes
 
@@ -92,3 +92,15 @@ def test_animated_png_is_multi_frame() -> None:
     frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])
     with pytest.raises(errors.MultiFrame):
         decode(buf.getvalue(), "image/png", LIMITS)
+
+
+def test_small_raster_is_told_from_the_header() -> None:
+    limit = 512 * 512
+    assert small_raster(png_bytes(chest_u8(224)), limit) and small_raster(jpeg_bytes(chest_u8(512)), limit)
+    assert not small_raster(png_bytes(chest_u8(600)), limit)
+    assert not small_raster(png_bytes(chest_u8(224)), 0)  # 0: never
+    assert not small_raster(dicom_bytes("RG1_UNCR.dcm"), limit)  # DICOM: always the decoding pool
+    assert not small_raster(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, limit)  # a broken header
+    bomb = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(bomb, format="PNG")  # small on the wire, huge declared
+    assert not small_raster(bomb.getvalue(), limit)

@@ -5,6 +5,9 @@ Public entry points: :func:`prepare` (what the server calls, in a process pool) 
 """
 
 import time
+from io import BytesIO
+
+from PIL import Image
 
 from cxr_triage.errors import NotAnImage, UnsupportedMediaType
 from cxr_triage.imaging.dicom import decode_dicom
@@ -65,6 +68,20 @@ def decode(data: bytes, media_type: str, limits: ImageLimits) -> DecodedImage:
     if source == "dicom":
         return decode_dicom(data, limits)
     return decode_raster(data, source, limits)
+
+
+def small_raster(data: bytes, max_pixels: int) -> bool:
+    """Whether ``data`` is a PNG or JPEG whose header declares at most ``max_pixels`` pixels: an
+    image cheap enough to decode where it arrived. Reads the header only; anything else (DICOM,
+    a larger image, bytes Pillow cannot open) is False."""
+    if max_pixels <= 0 or sniff(data) not in ("png", "jpeg"):
+        return False
+    try:
+        with Image.open(BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # hostile bytes: the decoding pool gives the error
+        return False
+    return width * height <= max_pixels
 
 
 def prepare(data: bytes, media_type: str, spec: InputSpec, limits: ImageLimits) -> ModelInput:

@@ -133,9 +133,13 @@ class Intake:
         await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
 
     async def prepare(self, data: bytes, media_type: str, model: str) -> ModelInput:
-        """Decode in the pool. A pool broken by another upload's crash is rebuilt and this one
-        retried once; crashing a fresh pool too means this image is what kills the decoder."""
+        """Decode a small PNG or JPEG here (CXR_INLINE_DECODE_PIXELS: handing it to the pool
+        costs more CPU than decoding it), anything else in the pool, beside inference. A pool
+        broken by another upload's crash is rebuilt and this one retried once; crashing a fresh
+        pool too means this image is what kills the decoder."""
         spec = self.repository.get(model).config.input
+        if imaging.small_raster(data, self.settings.inline_decode_pixels):
+            return imaging.prepare(data, media_type, spec, self.limits)
         loop = asyncio.get_running_loop()
         for attempt in range(2):
             pool = self.pool()

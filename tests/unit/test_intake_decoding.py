@@ -1,0 +1,42 @@
+"""Where an upload is decoded: a small PNG or JPEG in the HTTP process, the rest in the pool,
+with the same model input either way."""
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from cxr_triage.config import Settings
+from cxr_triage.queue import JobQueue
+from cxr_triage.repository import ModelRepository
+from cxr_triage.serving.intake import Intake
+from tests.helpers import chest_u8, dicom_bytes, jpeg_bytes, png_bytes
+
+MODEL = "densenet121-nih14"
+
+
+def intake(repo: Path, **settings: int) -> Intake:
+    s = Settings(model_repo=repo, decode_workers=1, **settings)  # type: ignore[arg-type]
+    queue = JobQueue(redis.Redis(), s.max_wait_s)  # never called: prepare does not queue
+    return Intake(s, ModelRepository.load(repo), [MODEL], queue)
+
+
+def test_small_rasters_are_decoded_inline_and_the_rest_in_the_pool(exported_repo: Path) -> None:
+    small = png_bytes(chest_u8(224))
+    here, pooled = intake(exported_repo), intake(exported_repo, inline_decode_pixels=0)
+    try:
+        inline = asyncio.run(here.prepare(small, "image/png", MODEL))
+        assert here._pool is None  # no decoding process was needed
+        asyncio.run(here.prepare(jpeg_bytes(chest_u8(224)), "image/jpeg", MODEL))
+        assert here._pool is None
+        asyncio.run(here.prepare(dicom_bytes("RG1_UNCR.dcm"), "application/dicom", MODEL))
+        assert here._pool is not None  # DICOM: the pool
+        via_pool = asyncio.run(pooled.prepare(small, "image/png", MODEL))
+        assert pooled._pool is not None
+        np.testing.assert_array_equal(inline.pixels, via_pool.pixels)  # the same model input
+        assert (inline.source, inline.warnings) == (via_pool.source, via_pool.warnings)
+    finally:
+        for i in (here, pooled):
+            if i._pool is not None:
+                i._pool.shutdown()
