@@ -256,12 +256,14 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
     assert value(r'cxr_triage_requests_total\{method="POST",route="/v1/predict",status="200"\}') == 24
     assert value(r'cxr_triage_batch_size_sum\{model="densenet121-nih14"\}') == 24  # images scored
     assert text.count("cxr_triage_model_info{") == 3  # one live series per worker process (and the lane)
-    # main and LitServe's manager (forked from it); LitServe's HTTP servers, one decoder each
-    http = len(roles.get("cxr-http", []))
-    assert http >= 1 and {name: len(cpu) for name, cpu in roles.items()} == {
+    # main and LitServe's manager (forked from it); LitServe's HTTP servers, each with at most one
+    # decoder (its pool starts when /ready warms it or a large image or DICOM comes: these PNGs
+    # are small, decoded in the HTTP process)
+    http, decoders = len(roles.get("cxr-http", [])), len(roles.pop("cxr-decoder", []))
+    assert http >= 1 and 1 <= decoders <= http, roles
+    assert {name: len(cpu) for name, cpu in roles.items()} == {
         "cxr-main": 2,
         "cxr-http": http,
-        "cxr-decoder": http,
         "cxr-worker": 2,
         "cxr-lane": 1,
     }, roles
