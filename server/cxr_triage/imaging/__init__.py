@@ -1,7 +1,8 @@
 """bytes -> float32 radiograph -> model input.
 
-Public entry points: :func:`prepare` (what the server calls, in a process pool) and
-:func:`decode` (format sniffing + decoding, for tools and tests).
+Public entry points: :func:`prepare` (what the server calls: in a process pool, or inline for a
+small PNG or JPEG, see :func:`small_raster`) and :func:`decode` (format sniffing + decoding, for
+tools and tests).
 """
 
 import time
@@ -85,7 +86,8 @@ def small_raster(data: bytes, max_pixels: int) -> bool:
 
 
 def prepare(data: bytes, media_type: str, spec: InputSpec, limits: ImageLimits) -> ModelInput:
-    """Decode and resize one upload for a model; runs in a worker process, so it is pure."""
+    """Decode and resize one upload for a model: pure, so it runs in a decoding process, or in
+    the HTTP process for a small raster (``small_raster``)."""
     start = time.perf_counter()
     image = decode(data, media_type, limits)
     pixels = resize_for_model(image.pixels, spec)
