@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -594,6 +594,20 @@ def bench_served(config: ModelConfig, plan: Plan, progress: Progress) -> ServedS
 
 
 # --------------------------------------------------------------------------- report
+
+
+def metric_sums(text: str, names: Iterable[str]) -> dict[str, float]:
+    """The Prometheus series ``names`` in a /metrics page, each summed over its labels (a name
+    with no sample is absent)."""
+    wanted, out = set(names), dict[str, float]()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.split("{", 1)[0]
+        if name in wanted:
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

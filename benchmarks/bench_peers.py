@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from bench_core import (  # noqa: E402
     machine_busy_seconds,
     machine_section,
     machine_tag,
+    metric_sums,
     new_progress,
     other_cores,
     require_engine,
@@ -792,9 +792,8 @@ def engine_cpu_seconds(metrics_url: str | None) -> float | None:
     """cxr_triage_engine_cpu_seconds_total, summed over its series (None: not served)."""
     if metrics_url is None:
         return None
-    text = httpx.get(metrics_url, timeout=30).text
-    found = re.findall(r"^cxr_triage_engine_cpu_seconds_total\{[^}]*\} (\S+)$", text, re.M)
-    return sum(float(v) for v in found) if found else None
+    name = "cxr_triage_engine_cpu_seconds_total"
+    return metric_sums(httpx.get(metrics_url, timeout=30).text, [name]).get(name)
 
 
 def process_names(pids: Iterable[int]) -> dict[int, str]:

@@ -46,6 +46,7 @@ from bench_core import (
     git_commit,
     group_cpu,
     machine_section,
+    metric_sums,
     new_progress,
     other_cores,
     require_engine,
@@ -208,23 +209,10 @@ def fresh_server(timeout: float = 180.0) -> Iterator[Server]:
         yield Server(url, pgid, embedded_redis(data))
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """The few series this benchmark reads, each summed over its labels."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        name = series.split("{", 1)[0]
-        if name in WANTED:
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
 async def read_metrics(client: httpx.AsyncClient, url: str) -> dict[str, float]:
     response = await client.get(f"{url}/metrics")
     response.raise_for_status()
-    return parse_metrics(response.text)
+    return metric_sums(response.text, WANTED)
 
 
 async def snapshot(client: httpx.AsyncClient, server: Server) -> Snapshot:

@@ -223,6 +223,22 @@ def test_cpu_breakdown_splits_our_cpu_by_process_against_the_peers_and_the_budge
     assert bp.cpu_section(run) == []
 
 
+def test_metric_sums_add_a_series_over_its_labels_and_only_that_series() -> None:
+    text = "\n".join(
+        [
+            "# HELP cxr_triage_engine_cpu_seconds_total CPU time in engine runs",
+            "# TYPE cxr_triage_engine_cpu_seconds_total counter",
+            'cxr_triage_engine_cpu_seconds_total{backend="cpu",model="a",version="1"} 1.5',
+            'cxr_triage_engine_cpu_seconds_total{backend="cpu",model="a",version="2"} 2.25',
+            'cxr_triage_engine_cpu_seconds_created{backend="cpu",model="a",version="1"} 1.7e9',
+            'cxr_triage_queue_depth{priority="stat"} 3.0',
+        ]
+    )
+    name = "cxr_triage_engine_cpu_seconds_total"
+    assert bp.metric_sums(text, [name]) == {name: 3.75}
+    assert bp.metric_sums(text, ["cxr_triage_jobs_scored_total"]) == {}  # no sample: absent
+
+
 def test_a_partial_run_leaves_the_latest_whole_comparison_alone(tmp_path: Path) -> None:
     assert not bp.parse_args([]).partial
     assert bp.parse_args(["--inputs", "png"]).partial and bp.parse_args(["--no-priority"]).partial
