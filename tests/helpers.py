@@ -1,6 +1,6 @@
 """Shared test helpers: real DICOM from pydicom-data, images, a tiny model repository, a server."""
 
-import ctypes
+import functools
 import io
 import os
 import re
@@ -22,6 +22,8 @@ import pydicom
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
+
+from cxr_triage.serving.lifecycle import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPO = ROOT / "model_repo"
@@ -116,15 +118,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)  # loaded here: the child after fork only calls it
-
-
-def _die_with_pytest() -> None:
-    """In the server's process before exec: SIGTERM (a drain) when pytest ends, however it ends,
-    so that a killed test run leaves no server behind (PR_SET_PDEATHSIG; Linux)."""
-    _LIBC.prctl(1, signal.SIGTERM)
-
-
 def start_server(
     repo: Path,
     env: dict[str, str] | None = None,
@@ -148,7 +141,8 @@ def start_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_pytest,
+            # SIGTERM (a drain) when pytest ends, however it ends: a killed run leaves no server
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
         )
     return ServerProcess(proc, f"http://{address}:{port}", log_path)
 

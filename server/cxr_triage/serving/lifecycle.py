@@ -35,10 +35,23 @@ DRAIN_POLL_S = 0.2
 SHUTDOWN_MARGIN_S = 5.0  # left of the grace period for LitServe's own shutdown
 
 
+try:  # loaded once, at import: a process just forked only calls it (safe in a preexec_fn)
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not Linux/glibc: processes keep their names and need another supervisor
+    _LIBC = None
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+
+
+def _prctl(option: int, arg: int | bytes) -> None:
+    """Linux prctl(2) for this process (its calling thread); nothing where there is none."""
+    if _LIBC is not None:
+        with contextlib.suppress(AttributeError):
+            _LIBC.prctl(option, arg, 0, 0, 0)
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """This process gets ``sig`` when its parent ends, however it ends (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+    _prctl(_PR_SET_PDEATHSIG, sig)
 
 
 def die_with_parent_as(name: str, sig: int) -> None:
@@ -61,9 +74,7 @@ PROCESS_NAMES = {
 def name_process(role: str) -> None:
     """Name this process after its role in the replica (``PROCESS_NAMES``): what ``ps -o comm``,
     ``top`` and /proc/PID/comm show (Linux PR_SET_NAME, from the process's main thread)."""
-    name = PROCESS_NAMES[role].encode()[:15]
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    _prctl(_PR_SET_NAME, PROCESS_NAMES[role].encode()[:15])
 
 
 def replica_event() -> Event:
