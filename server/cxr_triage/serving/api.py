@@ -43,6 +43,7 @@ from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
 
 log = logging.getLogger(__name__)
 Outcome = dict[str, Any] | CxrError
+URGENT_CLASSES = ("stat", "urgent")  # the urgent lane's work, which routine work yields to
 
 
 class TriageAPI(ls.LitAPI):
@@ -174,7 +175,7 @@ class TriageAPI(ls.LitAPI):
         """Whether a job queued at ``priority`` ('' = re-queued, unknown) is this worker's to
         look at now: the lane looks at stat and urgent jobs only (others when due, on its own
         idle looks at Redis)."""
-        return self.horizon_s is None or priority in ("stat", "urgent", "")
+        return self.horizon_s is None or priority in (*URGENT_CLASSES, "")
 
     def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
         """Lease, score and store one batch; returns the outcomes this worker stored."""
@@ -182,7 +183,7 @@ class TriageAPI(ls.LitAPI):
         lease_s, horizon = self.settings.lease_s, self.horizon_s
         jobs = self.queue.lease(self.max_batch_size, self.worker, lease_s, horizon_s=horizon)
         scored_from = time.time()
-        urgent = any(job.fields.get("priority") in ("stat", "urgent") for job in jobs)
+        urgent = any(job.fields.get("priority") in URGENT_CLASSES for job in jobs)
         with scoring(self.lane_busy, lane=self.horizon_s is not None, urgent=urgent):
             outcomes = self.score_batch(jobs)
         scored_to = time.time()
