@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         description="OS niceness of the inference workers that score routine work; the urgent lane, HTTP "
         "and decoding keep the default, so a stat study is not queued for CPU behind routine inference",
     )
+    http_servers: int = Field(
+        0, ge=0, description="HTTP server processes (LitServe's API servers); 0 = one per inference worker"
+    )
     decode_workers: int = Field(
         0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per core"
     )

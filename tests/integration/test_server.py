@@ -223,8 +223,9 @@ def test_unknown_route_is_json_404(server: str) -> None:
 
 
 def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """Also: each process of the replica names itself after its role, and the engine's CPU time
-    is counted (a share of what the inference workers used)."""
+    """Also: each process of the replica names itself after its role, CXR_HTTP_SERVERS sets how
+    many HTTP servers there are, and the engine's CPU time is counted (a share of what the
+    inference workers used)."""
     import re
 
     import psutil
@@ -232,7 +233,7 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
     from tests.helpers import start_server, stop
 
     env = {"CXR_INFERENCE_WORKERS": "2", "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_DECODE_WORKERS": "1"}
-    server = start_server(exported_repo, env)
+    server = start_server(exported_repo, env | {"CXR_HTTP_SERVERS": "2"})
     try:
         url = server.wait_ready(120).url
         body = png_bytes(chest_u8(64))
@@ -256,14 +257,15 @@ def test_metrics_add_up_across_two_inference_workers(exported_repo, tmp_path) ->
     assert value(r'cxr_triage_requests_total\{method="POST",route="/v1/predict",status="200"\}') == 24
     assert value(r'cxr_triage_batch_size_sum\{model="densenet121-nih14"\}') == 24  # images scored
     assert text.count("cxr_triage_model_info{") == 3  # one live series per worker process (and the lane)
-    # main and LitServe's manager (forked from it); LitServe's HTTP servers, each with at most one
-    # decoder (its pool starts when /ready warms it or a large image or DICOM comes: these PNGs
-    # are small, decoded in the HTTP process)
-    http, decoders = len(roles.get("cxr-http", [])), len(roles.pop("cxr-decoder", []))
-    assert http >= 1 and 1 <= decoders <= http, roles
+    # main and LitServe's manager (forked from it); two HTTP servers (LitServe's default would be
+    # three, one per inference process), each with at most one decoder (its pool starts when
+    # /ready warms it or a large image or DICOM comes: these PNGs are small, decoded in the HTTP
+    # process)
+    decoders = len(roles.pop("cxr-decoder", []))
+    assert 1 <= decoders <= 2, roles
     assert {name: len(cpu) for name, cpu in roles.items()} == {
         "cxr-main": 2,
-        "cxr-http": http,
+        "cxr-http": 2,
         "cxr-worker": 2,
         "cxr-lane": 1,
     }, roles

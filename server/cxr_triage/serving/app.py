@@ -63,7 +63,12 @@ class Service:
         try:
             # No uvicorn access log: its request paths carry study UIDs.
             self.server.run(
-                host=s.host, port=s.port, log_level=s.log_level, generate_client_file=False, access_log=False
+                host=s.host,
+                port=s.port,
+                num_api_servers=s.http_servers or None,
+                log_level=s.log_level,
+                generate_client_file=False,
+                access_log=False,
             )
         finally:
             if publisher is not None:
