@@ -136,10 +136,13 @@ def test_a_target_above_the_zero_overhead_ceiling_is_said_to_be_out_of_reach() -
     assert verdicts[0].word == "MISS" and verdicts[0].reachable is True  # 41 / 40 >= 0.95
     plan = bp.parse_args(["--duration", "3", "--peers", "naive,cxr-triage"])
     run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=cells, cores=2)
-    assert run.ceiling("png") is None  # nothing measured yet
+    assert run.ceiling("png") is None and run.ceiling_alone("png") is None  # nothing measured yet
     run.bare = [bp.Throughput("2 x 1 thread", 1, 100, 2.0, [20.0] * 100)]  # 50 img/s: 40 ms CPU each
     run.decode_cpu_ms = {"png": 10.0}
-    assert run.ceiling("png") == pytest.approx(40.0)  # 2000 ms / (40 + 10) ms
+    assert run.ceiling_alone("png") == pytest.approx(40.0)  # 2000 ms / (40 + 10) ms
+    assert run.ceiling("png") is None  # the ceiling is the side-by-side pipeline, measured
+    run.pipeline_req_s = {"png": 36.0}
+    assert run.ceiling("png") == 36.0
 
 
 def test_process_tree_takes_descendants_and_the_session_not_the_rest() -> None:
@@ -295,3 +298,14 @@ def test_a_short_real_cell_against_the_naive_peer(tmp_path: Path) -> None:
     assert c.server_cpu_s > 0 and c.client_cpu_s > 0 and c.wall_s == pytest.approx(1.0, abs=0.3)
     assert c.p(50) <= c.p(95) <= c.p(99)
     assert bp.tree_cpu(roots) == {}  # nothing of the server is left
+
+
+@pytest.mark.timeout(120)
+def test_the_bare_pipeline_decodes_and_scores_in_one_process_per_core(tmp_path: Path) -> None:
+    engine = tmp_path / "model.onnx"
+    tiny_model(engine, 32)
+    config = SimpleNamespace(input=InputSpec(size=32))
+    req_s = bp.bare_pipeline("png", engine, config, 2, 0.5)  # type: ignore[arg-type]
+    assert 4.0 < req_s < 1e5  # at least 2 uploads per process in about half a second
+    with pytest.raises(RuntimeError, match="failed"):  # a process that cannot run is said, not 0 req/s
+        bp.bare_pipeline("png", tmp_path / "missing.onnx", config, 2, 0.5)  # type: ignore[arg-type]
