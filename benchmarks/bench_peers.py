@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -954,12 +955,15 @@ def decode_cpu_ms(kind: str, config: ModelConfig, repeats: int) -> float:
     return (time.process_time() - t0) * 1000.0 / repeats
 
 
-def bare_pipeline(kind: str, engine_path: Path, config: ModelConfig, processes: int, seconds: float) -> float:
+def bare_pipeline(
+    kind: str, engine_path: Path, config: ModelConfig, processes: int, seconds: float
+) -> tuple[float, float]:
     """Requests per second with no server at all: ``processes`` processes (one per core) each
     decoding an upload of ``kind`` with cxr-triage's decoding and running the engine on it
     (single-threaded, batch 1), over and over, side by side for ``seconds``. The ceiling of
     every server here: it pays only for decoding and the engine, but pays for them side by
-    side, as a saturated server does."""
+    side, as a saturated server does. Also returns the cores other processes took meanwhile."""
+    before, children = snapshot([]), _children_cpu_s()
     context = get_context("spawn")
     start, results = context.Barrier(processes), context.SimpleQueue()
     args = (kind, str(engine_path), config, seconds, start, results)
@@ -970,7 +974,17 @@ def bare_pipeline(kind: str, engine_path: Path, config: ModelConfig, processes: 
         worker.join(seconds + 600)
     if any(worker.exitcode != 0 for worker in workers):
         raise RuntimeError(f"a bare pipeline process for {kind} failed: {[w.exitcode for w in workers]}")
-    return sum(calls / elapsed for calls, elapsed in (results.get() for _ in workers))
+    req_s = sum(calls / elapsed for calls, elapsed in (results.get() for _ in workers))
+    after = snapshot([])
+    ours = _children_cpu_s() - children  # the pipeline's processes, ended and waited for
+    other = other_cores(before, after) - ours / max(after.wall - before.wall, 1e-9)
+    return req_s, max(0.0, other)
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that ended and were waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _pipeline_loop(
@@ -1020,10 +1034,11 @@ def bench_bare(engine_path: Path, config: ModelConfig, plan: Plan, run: Run) -> 
     seconds = 2.0 if plan.smoke else plan.duration
     for batch in (1, 2):
         run.bare.append(side_by_side(engine_path, np.concatenate([inputs[1]] * batch), run.cores, seconds))
+    run.bare_other_cores = other_cores(before, snapshot([]))
     for kind in INPUTS:
         run.decode_cpu_ms[kind] = decode_cpu_ms(kind, config, 2 if kind == "j2k" or plan.smoke else 20)
-        run.pipeline_req_s[kind] = bare_pipeline(kind, engine_path, config, run.cores, seconds)
-    run.bare_other_cores = other_cores(before, snapshot([]))
+        run.pipeline_req_s[kind], other = bare_pipeline(kind, engine_path, config, run.cores, seconds)
+        run.bare_other_cores = max(run.bare_other_cores, other)
 
 
 def bench_peer(

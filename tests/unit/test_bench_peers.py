@@ -305,7 +305,8 @@ def test_the_bare_pipeline_decodes_and_scores_in_one_process_per_core(tmp_path: 
     engine = tmp_path / "model.onnx"
     tiny_model(engine, 32)
     config = SimpleNamespace(input=InputSpec(size=32))
-    req_s = bp.bare_pipeline("png", engine, config, 2, 0.5)  # type: ignore[arg-type]
+    req_s, other = bp.bare_pipeline("png", engine, config, 2, 0.5)  # type: ignore[arg-type]
     assert 4.0 < req_s < 1e5  # at least 2 uploads per process in about half a second
+    assert 0.0 <= other < 1.5  # its own processes are not counted as other processes' CPU
     with pytest.raises(RuntimeError, match="failed"):  # a process that cannot run is said, not 0 req/s
         bp.bare_pipeline("png", tmp_path / "missing.onnx", config, 2, 0.5)  # type: ignore[arg-type]
