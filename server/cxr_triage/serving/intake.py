@@ -9,7 +9,6 @@ import asyncio
 import logging
 import os
 import re
-import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,7 +30,7 @@ from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import ModelRepository
 from cxr_triage.schemas import DICOM_UID_PATTERN, Priority
-from cxr_triage.serving.lifecycle import die_with_parent_as
+from cxr_triage.serving.lifecycle import start_decoder
 from cxr_triage.serving.reload import ServingWatch, default_version, read_serving
 
 log = logging.getLogger(__name__)
@@ -120,8 +119,7 @@ class Intake:
             self._pool = ProcessPoolExecutor(
                 self.settings.resolved_decode_workers(),
                 mp_context=get_context("spawn"),
-                initializer=die_with_parent_as,
-                initargs=("decoder", signal.SIGTERM),  # decoding processes end with the HTTP process
+                initializer=start_decoder,
             )
             self._pool_pid = os.getpid()
         return self._pool
