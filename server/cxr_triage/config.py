@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         "and decoding keep the default, so a stat study is not queued for CPU behind routine inference",
     )
     http_servers: int = Field(
-        0, ge=0, description="HTTP server processes (LitServe's API servers); 0 = one per inference worker"
+        0,
+        ge=0,
+        description="HTTP server processes (LitServe's API servers); 0 = LitServe's default, one per "
+        "inference process (the urgent lane's included)",
     )
     decode_workers: int = Field(
         0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per core"
