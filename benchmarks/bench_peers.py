@@ -738,14 +738,18 @@ def start_peer(peer: Peer, engine: Path, config: ModelConfig) -> Iterator[Runnin
 # --------------------------------------------------------------------------- correctness probe
 
 
+def model_input(body: bytes, kind: str, config: ModelConfig) -> np.ndarray:
+    """The engine's batch of one for an upload of ``kind``, built with cxr-triage's decoding
+    (``prepare``, then ``to_batch``): the model input every peer must build."""
+    return to_batch(
+        [prepare(body, INPUTS[kind].content_type, config.input, ImageLimits()).pixels], config.input
+    )
+
+
 def reference(engine_path: Path, config: ModelConfig, bodies: dict[str, bytes]) -> dict[str, np.ndarray]:
     """The bare engine's probabilities for each input (the model input every peer must build)."""
     engine = OnnxEngine(engine_path, "cpu", intra_op_threads=0)
-    out = {}
-    for kind, body in bodies.items():
-        pixels = prepare(body, INPUTS[kind].content_type, config.input, ImageLimits()).pixels
-        out[kind] = engine.run(to_batch([pixels], config.input))[0]
-    return out
+    return {kind: engine.run(model_input(body, kind, config))[0] for kind, body in bodies.items()}
 
 
 def probabilities(body: dict[str, Any]) -> list[float]:
@@ -948,10 +952,10 @@ def side_by_side(engine_path: Path, batch: np.ndarray, sessions: int, seconds: f
 def decode_cpu_ms(kind: str, config: ModelConfig, repeats: int) -> float:
     """CPU milliseconds per upload of ``kind`` for cxr-triage's decoding (prepare + to_batch)."""
     body = input_bodies(kind)[0]
-    prepare(body, INPUTS[kind].content_type, config.input, ImageLimits())  # imports, plugin choice
+    model_input(body, kind, config)  # imports, plugin choice
     t0 = time.process_time()
     for _ in range(repeats):
-        to_batch([prepare(body, INPUTS[kind].content_type, config.input, ImageLimits()).pixels], config.input)
+        model_input(body, kind, config)
     return (time.process_time() - t0) * 1000.0 / repeats
 
 
@@ -994,11 +998,10 @@ def _pipeline_loop(
     until ``seconds`` have passed (at least twice); puts (uploads, seconds) on ``results``."""
     try:
         session = OnnxEngine(Path(engine), "cpu", intra_op_threads=1)
-        body, content_type = input_bodies(kind)[0], INPUTS[kind].content_type
+        body = input_bodies(kind)[0]
 
         def once() -> None:
-            batch = to_batch([prepare(body, content_type, config.input, ImageLimits()).pixels], config.input)
-            session.run(batch)
+            session.run(model_input(body, kind, config))
 
         once()
     except BaseException:

@@ -2,6 +2,8 @@
 with the same model input either way."""
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +24,21 @@ def intake(repo: Path, **settings: int) -> Intake:
     return Intake(s, ModelRepository.load(repo), [MODEL], queue)
 
 
+@contextmanager
+def pools_shut(*intakes: Intake) -> Iterator[None]:
+    """Shut down the decoding pools these intakes started, however the test ends."""
+    try:
+        yield
+    finally:
+        for i in intakes:
+            if i._pool is not None:
+                i._pool.shutdown()
+
+
 def test_small_rasters_are_decoded_inline_and_the_rest_in_the_pool(exported_repo: Path) -> None:
     small = png_bytes(chest_u8(224))
     here, pooled = intake(exported_repo), intake(exported_repo, inline_decode_pixels=0)
-    try:
+    with pools_shut(here, pooled):
         inline = asyncio.run(here.prepare(small, "image/png", MODEL))
         assert here._pool is None  # no decoding process was needed
         asyncio.run(here.prepare(jpeg_bytes(chest_u8(224)), "image/jpeg", MODEL))
@@ -36,10 +49,6 @@ def test_small_rasters_are_decoded_inline_and_the_rest_in_the_pool(exported_repo
         assert pooled._pool is not None
         np.testing.assert_array_equal(inline.pixels, via_pool.pixels)  # the same model input
         assert (inline.source, inline.warnings) == (via_pool.source, via_pool.warnings)
-    finally:
-        for i in (here, pooled):
-            if i._pool is not None:
-                i._pool.shutdown()
 
 
 def _page_faults(pid: int) -> int:
@@ -51,7 +60,7 @@ def test_a_decoding_process_reuses_its_image_buffers(exported_repo: Path) -> Non
     pages (glibc's defaults fault in ~1,400 per image here: a few ms of CPU each)."""
     full = jpeg_bytes(chest_u8())  # 1841 x 1955
     pooled = intake(exported_repo)
-    try:
+    with pools_shut(pooled):
         for _ in range(3):  # start the process, let its heap grow to an image's buffers
             asyncio.run(pooled.prepare(full, "image/jpeg", MODEL))
         assert pooled._pool is not None
@@ -60,6 +69,3 @@ def test_a_decoding_process_reuses_its_image_buffers(exported_repo: Path) -> Non
         for _ in range(5):
             asyncio.run(pooled.prepare(full, "image/jpeg", MODEL))
         assert (_page_faults(pid) - before) / 5 < 100
-    finally:
-        if pooled._pool is not None:
-            pooled._pool.shutdown()
