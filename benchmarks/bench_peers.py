@@ -3,12 +3,13 @@
 Run from the repository root (``make bench-peers``)::
 
     .venv/bin/python benchmarks/bench_peers.py [--duration S] [--concurrency 1,4,16]
-        [--inputs png,jpeg,j2k] [--peers naive,litserve,ray,bentoml,cxr-triage]
+        [--inputs png,jpeg,j2k] [--peers naive,litserve,litserve-cores,ray,bentoml,cxr-triage]
 
 Each peer serves the same engine file (``model_repo/densenet121-nih14/<latest>/model.onnx``) on
 127.0.0.1 and builds the model input with ``cxr_triage.imaging`` (identical tensors; see
 benchmarks/peers/common.py): (a) the seed plan's naive FastAPI server, ONNX Runtime at 1 and 2
-intra-op threads; (b) plain LitServe, batch 8 / 10 ms; (c) Ray Serve and BentoML, from their own
+intra-op threads; (b) plain LitServe, batch 8 / 10 ms, and plain LitServe laid out like
+cxr-triage (one single-threaded worker per core, batch ≤ 2); (c) Ray Serve and BentoML, from their own
 virtual environment ``.venv-peers`` (built here from benchmarks/peers/requirements.txt);
 (d) cxr-triage itself, started by ``bench_core.running_server``. A separate load-generator
 process (benchmarks/peers/loadgen.py) drives each cell (peer x input x concurrency); the bench
@@ -107,6 +108,7 @@ class Peer:
     how: str  # one line for the report
     upload: str = "raw"  # "raw" body, or "multipart" (a form part named "file")
     naive: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # more PEER_* variables for its script
 
 
 PEERS: dict[str, Peer] = {
@@ -140,6 +142,17 @@ PEERS: dict[str, Peer] = {
             "0.01 s; decode_request decodes in the inference worker",
         ),
         Peer(
+            "litserve-cores",
+            "LitServe, 1 worker per core",
+            "litserve_plain.py",
+            "main",
+            1,
+            "plain LitServe at cxr-triage's CPU layout: one single-threaded inference worker per core "
+            "(workers_per_device = cores), max_batch_size 2, batch_timeout 0.01 s, LitServe's default "
+            "HTTP servers (one per worker); decode_request decodes in the inference worker",
+            env=(("PEER_WORKERS", "cores"), ("PEER_MAX_BATCH", "2")),
+        ),
+        Peer(
             "ray",
             "Ray Serve",
             "ray_serve_app.py",
@@ -171,7 +184,7 @@ PEERS: dict[str, Peer] = {
     )
 }
 ALIASES = {"naive": ["naive-t1", "naive-t2"]}
-DEFAULT_PEERS = "naive,litserve,ray,bentoml,cxr-triage"
+DEFAULT_PEERS = "naive,litserve,litserve-cores,ray,bentoml,cxr-triage"
 
 
 @dataclass(frozen=True)
@@ -660,6 +673,7 @@ def peer_env(peer: Peer, engine: Path, config: ModelConfig, port: int, home: Pat
         "BENTOML_DO_NOT_TRACK": "true",
         "BENTOML_HOME": str(home),
         "RAY_USAGE_STATS_ENABLED": "0",
+        **dict(peer.env),
     }
 
 

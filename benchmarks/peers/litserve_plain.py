@@ -6,6 +6,7 @@ then predict runs the engine on the batch. The request timeout is raised to 120 
 inputs at high concurrency are measured rather than cut off.
 """
 
+import os
 from typing import Annotated, Any
 
 import common
@@ -35,7 +36,13 @@ class PeerAPI(ls.LitAPI):
         return common.reply(output)
 
 
+def workers() -> int:
+    """``PEER_WORKERS``: inference workers (``cores``: one per usable core); default 1."""
+    value = os.environ.get("PEER_WORKERS", "1")
+    return len(os.sched_getaffinity(0)) if value == "cores" else int(value)
+
+
 if __name__ == "__main__":
-    api = PeerAPI(max_batch_size=8, batch_timeout=0.01)
-    server = ls.LitServer(api, accelerator="cpu", timeout=120)
+    api = PeerAPI(max_batch_size=int(os.environ.get("PEER_MAX_BATCH", "8")), batch_timeout=0.01)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers(), timeout=120)
     server.run(host="127.0.0.1", port=common.port(), log_level="warning", generate_client_file=False)

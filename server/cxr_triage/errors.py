@@ -123,6 +123,10 @@ class Overloaded(CxrError):
     code, status = "overloaded", 429
 
 
+class TimedOut(CxrError):
+    code, status = "timeout", 504
+
+
 # --- start-up / operator errors (never reach HTTP) ------------------------------------------
 
 

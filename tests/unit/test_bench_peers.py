@@ -74,7 +74,8 @@ def test_arguments_make_a_short_smoke_possible() -> None:
     assert plan.concurrency == (1, 4) and plan.inputs == ("png",) and plan.peers == ("naive-t1", "naive-t2")
     full = bp.parse_args([])
     assert not full.smoke and full.concurrency == (1, 4, 16) and full.inputs == ("png", "jpeg", "j2k")
-    assert full.peers == ("naive-t1", "naive-t2", "litserve", "ray", "bentoml", "cxr-triage")
+    peers = ("naive-t1", "naive-t2", "litserve", "litserve-cores", "ray", "bentoml", "cxr-triage")
+    assert full.peers == peers
     with pytest.raises(SystemExit):
         bp.parse_args(["--inputs", "tiff"])
 

@@ -1,6 +1,8 @@
 """The inference worker's batch scoring, in process: one engine call per batch, failures isolated."""
 
+import asyncio
 import functools
+import json
 import multiprocessing
 import queue
 import threading
@@ -11,20 +13,19 @@ import numpy as np
 import pytest
 import redis
 from litserve.loops.base import _SENTINEL_VALUE
-from litserve.utils import LitAPIStatus
 from prometheus_client import REGISTRY
 
 from cxr_triage.config import Settings
 from cxr_triage.engines.onnx import Preempted, resume_runs
-from cxr_triage.errors import CxrError
+from cxr_triage.errors import CxrError, TimedOut
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import JobQueue, NewJob
 from cxr_triage.repository import BatchingSpec
 from cxr_triage.schemas import Priority
 from cxr_triage.serving import yielding
 from cxr_triage.serving.api import TriageAPI
-from cxr_triage.serving.intake import Ticket
-from cxr_triage.serving.loop import SWEEP_S, TriageLoop
+from cxr_triage.serving.loop import TriageLoop
+from cxr_triage.serving.replies import Replies
 from cxr_triage.serving.versions import warm_up
 from cxr_triage.serving.yielding import MAX_PAUSE_S, uninterrupted
 
@@ -89,63 +90,62 @@ def test_the_urgent_lane_scores_only_jobs_due_within_the_urgent_wait(
     assert lane.queue.statuses(routine) == ["queued"] * 3
 
 
-class Transport:
-    """LitServe's response transport, as the loop sees it: answers by request uid."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, tuple[object, LitAPIStatus]] = {}
-        self.arrived = threading.Event()
-
-    def send(self, item: tuple[str, tuple[object, LitAPIStatus, object, object]], consumer_id: int) -> None:
-        uid, (data, status, _, _) = item
-        if status != LitAPIStatus.START:
-            self.answers[uid] = (data, status)
-            self.arrived.set()
-
-
-def test_a_ticket_is_answered_as_soon_as_another_worker_scores_its_job(
+def test_a_request_gets_its_outcome_from_the_announcement_whichever_worker_scores_it(
     exported_repo: Path, embedded_redis: str
 ) -> None:
-    """The worker holding a request's ticket is not the one that scores its job (here it is
-    draining, so it leases nothing); the job's announcement answers it, well before the
-    once-a-second look at Redis that covers lost announcements."""
-    redis.Redis.from_url(embedded_redis).flushall()
+    """The HTTP side's wait (serving.replies) against a real worker loop: a job no worker takes
+    times out (and stays queued); once the loop runs, the worker wakes for the queued job and
+    the request is answered by the job's announcement, well before the slow look at Redis
+    that covers lost ones; a repeated wait is answered at once; a failed job answers with its
+    stored error; a job finished without an announcement is found by that slow look; and
+    LitServe's stop message ends the loop."""
+    r = redis.Redis.from_url(embedded_redis)
+    r.flushall()
     settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
-    draining = multiprocessing.get_context("spawn").Event()
-    draining.set()
-    served, batching = {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2)
-    holder = TriageAPI(settings, served, batching, drain=draining)
-    holder.setup("cpu")
-    holder.request_timeout = 30.0
-    scorer = TriageAPI(settings, served, batching)
-    scorer.setup("cpu")
-    tickets: queue.Queue[object] = queue.Queue()
-    transport = Transport()
-    args = (holder, "cpu", 0, tickets, transport, {}, None)
-    worker = threading.Thread(target=TriageLoop(), args=args, daemon=True)
-    worker.start()
-    try:
-        time.sleep(0.3)  # the events thread has subscribed
-        pixels = np.random.default_rng(2).random((64, 64), dtype=np.float32)
-        job_id = submit(scorer.queue, pixels, "held")
-        tickets.put((0, "uid-1", time.monotonic(), Ticket(job_id=job_id, request_id="held")))
-        time.sleep(0.3)  # the ticket is held (and the holder, draining, leaves the job queued)
-        assert scorer.queue.statuses([job_id]) == ["queued"] and not transport.answers
-        scored_at = time.monotonic()
-        assert [j for j, _ in scorer.run_batch()] == [job_id]
-        assert transport.arrived.wait(5.0)
-        answered_in = time.monotonic() - scored_at
-        data, status = transport.answers["uid-1"]
-        assert status == LitAPIStatus.OK and isinstance(data, dict) and data["job_id"] == job_id
-        assert answered_in < SWEEP_S / 2, f"answered after {answered_in:.2f} s: the announcement was not used"
+    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2))
+    api.setup("cpu")
+    pixels = np.random.default_rng(2).random((64, 64), dtype=np.float32)
+    stop: queue.Queue[object] = queue.Queue()
+    worker = threading.Thread(target=TriageLoop(), args=(api, "cpu", 0, stop, None, {}, None), daemon=True)
 
-        # A ticket that comes after its job was scored (a repeated upload) is answered at once.
-        transport.arrived.clear()
-        tickets.put((0, "uid-2", time.monotonic(), Ticket(job_id=job_id, request_id="again")))
-        assert transport.arrived.wait(SWEEP_S / 2)
-        assert transport.answers["uid-2"][1] == LitAPIStatus.OK
+    async def scenario() -> None:
+        slow = Replies(embedded_redis, sweep_s=30.0)  # only an announcement answers in time
+        try:
+            job_id = submit(api.queue, pixels, "first")
+            with pytest.raises(TimedOut):
+                await slow.wait(job_id, 0.3)
+            assert api.queue.statuses([job_id]) == ["queued"] and slow.waiting() == 0
+            worker.start()
+            started = time.monotonic()
+            outcome = await slow.wait(job_id, 20.0)
+            assert outcome["job_id"] == job_id and outcome["request_id"] == "first"
+            assert time.monotonic() - started < 10.0
+            again = await asyncio.wait_for(slow.wait(job_id, 20.0), 1.0)  # done already
+            assert again == outcome
+
+            broken = submit(api.queue, pixels, "broken")
+            r.delete(f"cxr:payload:{broken}")  # its worker fails it alone
+            with pytest.raises(CxrError) as failed:
+                await slow.wait(broken, 20.0)
+            assert failed.value.status == 500 and failed.value.code == "internal_error"
+        finally:
+            await slow.close()
+
+        # Finished with no announcement (lost): the periodic look at Redis answers.
+        quick = Replies(embedded_redis, sweep_s=0.2)
+        lost = f"lost{time.time_ns()}"
+        r.hset(f"cxr:job:{lost}", mapping={"status": "done", "outcome": json.dumps({"job_id": lost})})
+        try:
+            waiter = asyncio.create_task(quick.wait(lost, 5.0))
+            await asyncio.sleep(0.05)
+            assert (await asyncio.wait_for(waiter, 2.0)) == {"job_id": lost}
+        finally:
+            await quick.close()
+
+    try:
+        asyncio.run(scenario())
     finally:
-        tickets.put(_SENTINEL_VALUE)
+        stop.put(_SENTINEL_VALUE)
         worker.join(10)
     assert not worker.is_alive(), "LitServe's stop message ends the worker"
 

@@ -74,10 +74,15 @@ def _payload(blob: bytes | None) -> ModelInput | None:
         return None
 
 
+def job_key(job_id: str) -> str:
+    """The Redis hash of one job (status, outcome json, …)."""
+    return f"cxr:job:{job_id}"
+
+
 @dataclass(frozen=True)
 class Event:
     """One announcement on the events channel: ``new`` (arg: the priority, '' for re-queued
-    jobs) or ``done`` (arg: the job id)."""
+    jobs)."""
 
     kind: str
     arg: str
@@ -257,13 +262,13 @@ class JobQueue:
         """Each job's hash (status, outcome json, …); {} for an unknown id."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hgetall(f"cxr:job:{job_id}")
+            pipe.hgetall(job_key(job_id))
         return [_text(h) for h in pipe.execute()]
 
     def statuses(self, job_ids: Sequence[str]) -> list[str | None]:
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hget(f"cxr:job:{job_id}", "status")
+            pipe.hget(job_key(job_id), "status")
         return [s.decode() if s else None for s in pipe.execute()]
 
     def redelivered(self) -> int:

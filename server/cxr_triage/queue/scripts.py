@@ -3,13 +3,15 @@
 Key names are built inside the scripts from the ``cxr:`` prefix, which is right for one Redis
 (embedded or standalone); a Redis Cluster would need hash tags.
 
-The scripts announce changes on the ``cxr:events`` channel (EVENTS), for workers to act on at
-once instead of polling: ``new <priority>`` when a job is queued (``new`` alone when jobs go
-back to the queue), ``done <job_id>`` when a job is done or failed. Pub/sub is fire and forget:
-the workers still look at Redis now and then, so a lost announcement only costs time.
+The scripts announce changes for the processes that act on them at once instead of polling:
+``new <priority>`` on ``cxr:events`` (EVENTS) when a job is queued (``new`` alone when jobs go
+back to the queue), for the inference workers; the job id on ``cxr:done`` (DONE) when a job is
+done or failed, for the HTTP processes whose requests wait for it (``serving.replies``). Pub/sub
+is fire and forget: both still look at Redis now and then, so a lost announcement only costs time.
 """
 
 EVENTS = b"cxr:events"
+DONE = b"cxr:done"
 
 # Lua helpers the scripts below start with. raise_place moves a study's worklist place up
 # (never down) and records why; no-op once it was read.
@@ -40,7 +42,7 @@ end
 
 -- A job that is done or failed: whoever waits for it answers now.
 local function announce_done(job_id)
-  redis.call('PUBLISH', 'cxr:events', 'done ' .. job_id)
+  redis.call('PUBLISH', 'cxr:done', job_id)
 end
 
 local function study_finished(job_key)

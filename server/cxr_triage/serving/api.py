@@ -6,7 +6,6 @@ versions serve, and their swap when serving.json changes, is ``serving.versions`
 """
 
 import functools
-import json
 import logging
 import math
 import os
@@ -15,13 +14,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.synchronize import Event
-from typing import Annotated, Any
+from typing import Any
 
 # No `from __future__ import annotations` here: LitServe reads decode_request's annotation at
-# run time to build the route, and a string annotation breaks it (ENVIRONMENT.md).
+# run time to build its route (which the app then replaces), and a string annotation breaks it.
 import litserve as ls
 import numpy as np
-from fastapi import Depends
+from fastapi import Request
 
 from cxr_triage.config import Settings, litserve_worker_id
 from cxr_triage.engines import accelerated
@@ -32,8 +31,6 @@ from cxr_triage.observability.logging import configure as configure_logging
 from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
 from cxr_triage.queue.findings import FindingStore
 from cxr_triage.repository import BatchingSpec, ModelRepository
-from cxr_triage.schemas import PredictResponse
-from cxr_triage.serving.intake import Ticket, read_upload
 from cxr_triage.serving.lifecycle import die_with_parent, name_process, worker_name
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.versions import LoadedModel, Route, ServedVersions
@@ -139,16 +136,15 @@ class TriageAPI(ls.LitAPI):
             self.worker += "/urgent"
             log.info("worker %s is the urgent lane (jobs due within %.0f s)", self.worker, self.horizon_s)
 
-    def decode_request(self, request: Annotated[Ticket, Depends(read_upload)]) -> Ticket:
-        return request
+    # LitAPI requires these three; none is called: the app serves /v1/predict itself
+    # (routes.build_predict_router) and TriageLoop scores through run_batch.
+    def decode_request(self, request: Request) -> Any:
+        raise NotImplementedError("requests are queued in Redis by the HTTP process")
 
-    def encode_response(self, output: Any) -> PredictResponse:
-        # Not called by TriageLoop (outcomes are built in score_batch); its return annotation
-        # is what LitServe uses as the route's response model, so /openapi.json documents
-        # and FastAPI validates the API.md response shape.
-        return PredictResponse.model_validate(output)
+    def encode_response(self, output: Any) -> Any:
+        raise NotImplementedError("outcomes are built in score_batch")
 
-    def predict(self, x: Any) -> Any:  # LitAPI requires it; TriageLoop calls run_batch instead
+    def predict(self, x: Any) -> Any:
         raise NotImplementedError("TriageLoop scores through run_batch")
 
     # --- the loop's hooks ---------------------------------------------------------------------
@@ -219,14 +215,6 @@ class TriageAPI(ls.LitAPI):
             return None
         metrics.JOBS_SCORED.labels(job.model, "failed" if failed else "done").inc()
         return body
-
-    def finished(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-        """Outcomes of jobs (scored by any worker) that are done or failed."""
-        statuses = dict(zip(job_ids, self.queue.statuses(job_ids), strict=True))
-        done = [j for j, status in statuses.items() if status in ("done", "failed")]
-        out = [(j, json.loads(job["outcome"])) for j, job in zip(done, self.queue.jobs(done), strict=True)]
-        vanished = {"error": {"code": "internal_error", "message": "job vanished", "status": 500}}
-        return out + [(j, vanished) for j, status in statuses.items() if status is None]
 
     def reap_if_due(self) -> None:
         """Upkeep between batches: pick up a changed serving.json, re-deliver expired leases."""

@@ -17,6 +17,7 @@ from multiprocessing.synchronize import Event
 
 import litserve as ls
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.utils import WorkerSetupStatus
 
@@ -36,7 +37,12 @@ from cxr_triage.serving.finding_routes import build_finding_router
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
 from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, name_process, replica_event
-from cxr_triage.serving.routes import build_router, document_predict, install_request_metrics
+from cxr_triage.serving.replies import Replies
+from cxr_triage.serving.routes import (
+    build_predict_router,
+    build_router,
+    install_request_metrics,
+)
 from cxr_triage.serving.study_routes import build_study_router
 from cxr_triage.web import install_web
 
@@ -190,26 +196,40 @@ def build_service(settings: Settings) -> Service:
     client = handle.client()
     intake = Intake(settings, repo, served, JobQueue(client, settings.max_wait_s))
     studies = StudyStore(client, lambda name: intake.repository.get(name).config.critical_findings)
+    replies = Replies(handle.url)
     app = server.app
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
+    own_predict_route(app, api.api_path)
+    app.include_router(build_predict_router(intake, replies))
     app.include_router(build_router(intake, studies, lambda: _workers_problem(server), drain.is_set))
     app.include_router(build_study_router(intake, studies))
     app.include_router(build_finding_router(intake, FindingStore(client)))
     app.include_router(build_stow_router(intake))
     install_error_handlers(app)
     install_request_metrics(app)
-    _follow_serving(app, intake)
+    _follow_serving(app, intake, replies)
     if settings.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys])
     install_web(app, intake, studies)  # last: the page shell answers before the API key is asked
-    document_predict(app)
     return Service(server=server, intake=intake, redis=handle, drain=drain)
 
 
-def _follow_serving(app: FastAPI, intake: Intake) -> None:
+def own_predict_route(app: FastAPI, path: str) -> None:
+    """Take LitServe's POST route for the API's path off the app: the app serves that path itself
+    (routes.build_predict_router). LitServe's route would carry each request to an inference
+    worker and its reply back through LitServe's queues, and the job is in Redis already: the
+    HTTP process waits there for the outcome instead, at a fraction of the CPU, and keeps
+    waiting if the worker that held the job dies (the job is re-delivered)."""
+    for route in list(app.router.routes):
+        if isinstance(route, APIRoute) and (route.path, route.methods) == (path, {"POST"}):
+            app.router.routes.remove(route)
+
+
+def _follow_serving(app: FastAPI, intake: Intake, replies: Replies) -> None:
     """Run ``intake.follow_serving`` beside LitServe's own lifespan in each HTTP process
-    (LitServe sets a lifespan, so FastAPI start-up handlers would not run)."""
+    (LitServe sets a lifespan, so FastAPI start-up handlers would not run); close the
+    process's wait for replies at its end."""
     litserve_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -221,6 +241,7 @@ def _follow_serving(app: FastAPI, intake: Intake) -> None:
                 yield
             finally:
                 task.cancel()
+                await replies.close()
 
     app.router.lifespan_context = lifespan
 

@@ -37,14 +37,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Ticket:
-    """What LitServe carries to the inference worker for a synchronous request: the job to wait on."""
-
-    job_id: str
-    request_id: str
-
-
-@dataclass(frozen=True)
 class Accepted:
     """An upload decoded and queued."""
 
@@ -241,19 +233,6 @@ _PRIORITY_QUERY = Query(
     None, description="stat | urgent | routine | backfill; default from DICOM, else routine"
 )
 _MODEL_QUERY = Query(None, description="model name; the default model when absent")
-
-
-async def read_upload(
-    request: Request, model: str | None = _MODEL_QUERY, priority: Priority | None = _PRIORITY_QUERY
-) -> Ticket:
-    """FastAPI dependency behind LitServe's ``POST /v1/predict``: upload -> queued job -> Ticket.
-
-    Accepts the image as the body (image/png, image/jpeg, application/dicom) or as the
-    ``file`` part of multipart/form-data.
-    """
-    intake: Intake = request.app.state.intake
-    accepted = await intake.accept(request, model, priority, track=False)
-    return Ticket(job_id=accepted.job_id, request_id=accepted.request_id)
 
 
 # DICOM Requested Procedure Priority (0040,1003), PS3.3 C.4.11: STAT, HIGH, ROUTINE, MEDIUM, LOW.

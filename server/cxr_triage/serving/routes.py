@@ -1,12 +1,11 @@
-"""Routes beside LitServe's predict endpoint: probes, models, metrics. Thin: logic lives below."""
+"""Routes: synchronous scoring, probes, models, metrics. Thin: logic lives below."""
 
 import time
 from collections.abc import Callable
 from contextlib import suppress
 
 import redis
-from fastapi import APIRouter, FastAPI, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,9 +17,10 @@ from cxr_triage.observability.logging import REQUEST_ID, request_id_for
 from cxr_triage.queue.findings import FindingStore
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.repository import VersionEntry
-from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, VersionOut
-from cxr_triage.serving.intake import Intake
+from cxr_triage.schemas import ErrorResponse, ModelOut, ModelsResponse, PredictResponse, Priority, VersionOut
+from cxr_triage.serving.intake import _MODEL_QUERY, _PRIORITY_QUERY, Intake
 from cxr_triage.serving.reload import Role, traffic_split
+from cxr_triage.serving.replies import Replies
 
 ReadyCheck = Callable[[], str | None]
 
@@ -67,6 +67,60 @@ def build_router(
             _clinical(studies, intake.settings.clinical_window)
         body, content_type = metrics.render(intake.settings.replica)
         return Response(body, media_type=content_type)
+
+    return router
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+_PREDICT_ERRORS = {
+    "400": "malformed request (empty body, no `file` part, bad query value)",
+    "404": "unknown model",
+    "413": "body or decoded image too large",
+    "415": "unsupported Content-Type",
+    "422": "image that cannot be scored (not an image, corrupt, multi-frame, photometric…)",
+    "429": "too many jobs queued: retry after Retry-After seconds",
+    "503": "not ready",
+    "504": "timed out in the queue",
+}
+
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": _BINARY,
+            "image/jpeg": _BINARY,
+            "application/dicom": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+
+
+def build_predict_router(intake: Intake, replies: Replies) -> APIRouter:
+    """``POST /v1/predict``: the upload is decoded and queued like any study's image, and the
+    request waits on Redis for the outcome, whichever worker scores it (serving.replies)."""
+    router = APIRouter()
+
+    @router.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        summary="Score one radiograph synchronously",
+        openapi_extra=_PREDICT_BODY,
+        responses={code: {"description": text, **_ERROR} for code, text in _PREDICT_ERRORS.items()},
+    )
+    async def predict(
+        request: Request, model: str | None = _MODEL_QUERY, priority: Priority | None = _PRIORITY_QUERY
+    ) -> dict[str, object]:
+        accepted = await intake.accept(request, model, priority, track=False)
+        return await replies.wait(accepted.job_id, intake.settings.request_timeout_s)
 
     return router
 
@@ -132,46 +186,6 @@ def _version_out(v: VersionEntry, share: tuple[Role, float] | None, backend: str
         role=share[0] if share else None,
         traffic=share[1] if share else None,
     )
-
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-_PREDICT_ERRORS = {
-    "400": "malformed request (empty body, no `file` part, bad query value)",
-    "404": "unknown model",
-    "413": "body or decoded image too large",
-    "415": "unsupported Content-Type",
-    "422": "image that cannot be scored (not an image, corrupt, multi-frame, photometric…)",
-    "503": "not ready",
-    "504": "timed out in the queue",
-}
-
-
-def document_predict(app: FastAPI) -> None:
-    """Describe LitServe's /v1/predict route in the OpenAPI schema: raw image bodies and errors."""
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route.path == "/v1/predict":
-            route.summary = "Score one radiograph synchronously"
-            route.openapi_extra = {
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "image/png": _BINARY,
-                        "image/jpeg": _BINARY,
-                        "application/dicom": _BINARY,
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "properties": {"file": {"type": "string", "format": "binary"}},
-                                "required": ["file"],
-                            }
-                        },
-                    },
-                }
-            }
-            route.responses = {
-                code: {"description": text, **_ERROR} for code, text in _PREDICT_ERRORS.items()
-            }
 
 
 def install_request_metrics(app: FastAPI) -> None:
