@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from cxr_triage.imaging import ModelInput
-from cxr_triage.queue import JobQueue, NewJob
+from cxr_triage.queue import JobQueue, NewJob, scripts
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
 from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
@@ -162,7 +162,11 @@ def test_an_overdue_routine_job_leads_its_batch_and_takes_stat_jobs_along(q: Job
 
 
 def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None:
+    """Queued and re-queued jobs on cxr:events (for the workers), finished ones on cxr:done (for
+    the requests waiting for them)."""
     events = q.events()
+    done = q.r.pubsub(ignore_subscribe_messages=True)
+    done.subscribe(scripts.DONE)
     assert events.next(0.2) is None  # subscribed; nothing announced yet
     stat = q.submit(job("stat"), now=1000.0).job_id
     routine = q.submit(job("routine"), now=1000.0).job_id
@@ -174,8 +178,14 @@ def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None
     got = []
     while (event := events.next(0.2)) is not None:
         got.append((event.kind, event.arg))
-    assert got == [("new", "stat"), ("new", "routine"), ("done", stat), ("new", ""), ("done", routine)]
+    assert got == [("new", "stat"), ("new", "routine"), ("new", "")]
+    finished, deadline = [], time.monotonic() + 5
+    while len(finished) < 2 and time.monotonic() < deadline:
+        if (message := done.get_message(timeout=0.2)) is not None:
+            finished.append(message["data"].decode())
+    assert finished == [stat, routine] and done.get_message(timeout=0.2) is None, "once each, in order"
     events.close()
+    done.close()
 
 
 def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:

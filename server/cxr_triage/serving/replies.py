@@ -58,7 +58,7 @@ class Replies:
             await self._resolve([job_id])  # finished already (a repeated upload): no announcement comes
             outcome = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise TimedOut(f"no result within {timeout:g} s; the job is still queued") from None
+            raise TimedOut(f"no result within {timeout:g} s; the job is still scored later") from None
         finally:
             self._forget(job_id, future)
         if "error" in outcome:
