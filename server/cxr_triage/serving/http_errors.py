@@ -2,7 +2,7 @@
 
 import logging
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import RedisError
@@ -32,11 +32,6 @@ _RETRY = {"Retry-After": "1"}
 
 def _retry_headers(status: int) -> dict[str, str] | None:
     return _RETRY if status in (429, 503) else None
-
-
-def to_http_exception(err: CxrError) -> HTTPException:
-    """For the inference worker: LitServe carries an HTTPException back to the HTTP process."""
-    return HTTPException(status_code=err.status, detail=err.to_dict(), headers=_retry_headers(err.status))
 
 
 def error_response(
