@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from cxr_triage.errors import Overloaded
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import JobQueue, NewJob, scripts
 from cxr_triage.queue.studies import StudyStore
@@ -192,6 +193,20 @@ def test_duplicate_instance_is_queued_once(q: JobQueue) -> None:
     a = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     b = q.submit(job(study="1.2.3", instance="1.2.3.4", track=True))
     assert not a.duplicate and b.duplicate and a.job_id == b.job_id and q.ready() == 1
+
+
+def test_a_bounded_submit_is_refused_once_the_queue_holds_its_bound(q: JobQueue) -> None:
+    q.submit(job(), max_ready=2)
+    q.submit(job(), max_ready=2)
+    with pytest.raises(Overloaded, match="2 jobs are queued"):
+        q.submit(job(), max_ready=2)
+    with pytest.raises(Overloaded):
+        q.check_room(2)
+    q.check_room(3)
+    q.submit(job(study="1.2.5", track=True))  # a study for the worklist has no bound
+    assert q.ready() == 3
+    score(q, [0.1, 0.1, 0.1], n=1)
+    assert q.submit(job(), max_ready=3).job_id and q.ready() == 3
 
 
 def test_job_that_keeps_killing_workers_fails_visibly(q: JobQueue, store: StudyStore) -> None:

@@ -68,6 +68,8 @@ def test_scores_each_format(server: str, make, content_type: str) -> None:  # ty
     response = post(server, make(), content_type)
     assert response.status_code == 200, response.text
     assert_prediction(response.json())
+    # httpx accepts gzip; a ~2 KB prediction is cheaper to send as is (routes.compress_except)
+    assert "content-encoding" not in response.headers
 
 
 def test_j2k_and_uncompressed_twins_score_identically(server: str) -> None:
@@ -197,7 +199,9 @@ def test_probes_and_openapi(server: str) -> None:
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
     ready = httpx.get(f"{server}/ready", timeout=10)
     assert ready.status_code == 200 and ready.json()["models"] == ["densenet121-nih14"]
-    paths = httpx.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    openapi = httpx.get(f"{server}/openapi.json", timeout=10)
+    assert openapi.headers["content-encoding"] == "gzip"  # longer replies are still compressed
+    paths = openapi.json()["paths"]
     assert {"/v1/predict", "/v1/models", "/health", "/ready", "/metrics"} <= set(paths)
 
 

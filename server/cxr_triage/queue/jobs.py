@@ -24,6 +24,7 @@ import numpy as np
 import redis
 from redis.client import PubSub
 
+from cxr_triage.errors import Overloaded
 from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import payload, scripts
 from cxr_triage.schemas import PRIORITIES, Priority
@@ -42,6 +43,10 @@ class NewJob:
     instance_uid: str = ""
     track: bool = False  # an asynchronous study: it goes on the worklist
     header: bytes = b""  # DICOM source header without pixel data (for the SR); may hold PHI
+
+
+def overloaded(max_ready: int | None) -> Overloaded:
+    return Overloaded(f"{max_ready} jobs are queued; retry shortly (Retry-After)")
 
 
 @dataclass(frozen=True)
@@ -135,10 +140,18 @@ class JobQueue:
         self._release = client.register_script(scripts.RELEASE)
 
     def submit(
-        self, job: NewJob, now: float | None = None, trace: Mapping[str, str] | None = None
+        self,
+        job: NewJob,
+        now: float | None = None,
+        trace: Mapping[str, str] | None = None,
+        max_ready: int | None = None,
     ) -> SubmitResult:
         """Queue a job (atomically with its study and worklist entry). A repeated instance UID
-        for the same model returns the first job instead."""
+        for the same model returns the first job instead.
+
+        Raises:
+            Overloaded: ``max_ready`` jobs or more are ready already (None: no bound).
+        """
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex
         deadline = now + self.max_wait_s[job.priority]
@@ -153,9 +166,17 @@ class JobQueue:
         }
         argv: list[Any] = [job_id, deadline, now, payload.dumps(job.input), instance_key, job.study_uid]
         argv += ["1" if job.track else "0", PRIORITIES.index(job.priority), job.header]
-        argv += [x for kv in fields.items() for x in kv]
+        argv += ["" if max_ready is None else max_ready] + [x for kv in fields.items() for x in kv]
         created, existing = self._submit(args=argv)
+        if created < 0:
+            raise overloaded(max_ready)
         return SubmitResult(job_id=existing.decode(), duplicate=not created)
+
+    def check_room(self, max_ready: int | None) -> None:
+        """Raise Overloaded when ``max_ready`` jobs or more are ready (None: no bound): what a
+        caller asks before costly work on a job that ``submit`` would then refuse."""
+        if max_ready is not None and self.ready() >= max_ready:
+            raise overloaded(max_ready)
 
     def lease(
         self, n: int, worker: str, lease_s: float, now: float | None = None, horizon_s: float | None = None

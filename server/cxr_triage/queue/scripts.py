@@ -57,12 +57,15 @@ end
 """
 
 # KEYS: none. ARGV: job_id, deadline, now, payload, instance_key ('' = no dedup), study_uid
-# ('' = none), track (1 = on the worklist), priority_rank, DICOM header ('' = none), then job
-# hash field/value pairs.
-# Returns {1, job_id} when queued, {0, existing_job_id} for a duplicate instance.
+# ('' = none), track (1 = on the worklist), priority_rank, DICOM header ('' = none), most jobs
+# ready ('' = no bound), then job hash field/value pairs.
+# Returns {1, job_id} when queued, {0, existing_job_id} for a duplicate instance, {-1, ''} when
+# the queue already holds the most jobs ready (checked and queued in one step: no burst of
+# requests gets past the bound together).
 SUBMIT = """
 local id, deadline, now, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local instance_key, study, track, rank, header = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+if ARGV[10] ~= '' and redis.call('ZCARD', 'cxr:queue') >= tonumber(ARGV[10]) then return {-1, ''} end
 if instance_key ~= '' then
   local existing = redis.call('GET', instance_key)
   -- a failed job does not block a new try of the same instance
@@ -72,7 +75,7 @@ if instance_key ~= '' then
   redis.call('SET', instance_key, id)
 end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 local jk = 'cxr:job:' .. id
 redis.call('HSET', jk, 'status', 'queued', 'attempts', 0, 'deadline', deadline, 'enqueued_at', now,
            'study_uid', study, 'track', track, unpack(fields))

@@ -41,6 +41,7 @@ from cxr_triage.serving.replies import Replies
 from cxr_triage.serving.routes import (
     build_predict_router,
     build_router,
+    compress_except,
     install_request_metrics,
 )
 from cxr_triage.serving.study_routes import build_study_router
@@ -201,6 +202,7 @@ def build_service(settings: Settings) -> Service:
     app.title, app.version = "cxr-triage", _version()
     app.state.intake = intake
     own_predict_route(app, api.api_path)
+    compress_except(app, frozenset({api.api_path}))
     app.include_router(build_predict_router(intake, replies))
     app.include_router(build_router(intake, studies, lambda: _workers_problem(server), drain.is_set))
     app.include_router(build_study_router(intake, studies))

@@ -23,7 +23,7 @@ from starlette.datastructures import UploadFile
 
 from cxr_triage import imaging
 from cxr_triage.config import Settings
-from cxr_triage.errors import BadRequest, CorruptImage, NotReady, Overloaded, PayloadTooLarge, WrongModality
+from cxr_triage.errors import BadRequest, CorruptImage, NotReady, PayloadTooLarge, WrongModality
 from cxr_triage.imaging import ImageLimits, ModelInput
 from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import REQUEST_ID, request_id_for
@@ -122,14 +122,18 @@ class Intake:
         n = self.settings.resolved_decode_workers()
         await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
 
-    async def prepare(self, data: bytes, media_type: str, model: str) -> ModelInput:
+    async def prepare(
+        self, data: bytes, media_type: str, model: str, max_ready: int | None = None
+    ) -> ModelInput:
         """Decode a small PNG or JPEG here (CXR_INLINE_DECODE_PIXELS: handing it to the pool
         costs more CPU than decoding it), anything else in the pool, beside inference. A pool
         broken by another upload's crash is rebuilt and this one retried once; crashing a fresh
-        pool too means this image is what kills the decoder."""
+        pool too means this image is what kills the decoder. ``max_ready``: refuse (Overloaded)
+        before a pooled decode when that many jobs are ready; the submit checks it again."""
         spec = self.repository.get(model).config.input
         if imaging.small_raster(data, self.settings.inline_decode_pixels):
             return imaging.prepare(data, media_type, spec, self.limits)
+        self.queue.check_room(max_ready)
         loop = asyncio.get_running_loop()
         for attempt in range(2):
             pool = self.pool()
@@ -181,18 +185,18 @@ class Intake:
         request_id: str,
         modalities: frozenset[str] | None = None,
     ) -> Accepted:
-        """Decode and queue one image already read; ``modalities`` restricts DICOM Modality."""
-        if not track and self.queue.ready() >= self.settings.max_queue:
-            raise Overloaded(f"{self.settings.max_queue} jobs are queued; retry shortly (Retry-After)")
+        """Decode and queue one image already read; ``modalities`` restricts DICOM Modality.
+        A synchronous request is refused (Overloaded) while CXR_MAX_QUEUE jobs are ready."""
+        max_ready = None if track else self.settings.max_queue
         with tracing.span("ingest", model=name, track=int(track)) as ingest:
             start = time.perf_counter()
             with tracing.span("decode"):
-                prepared = await self.prepare(data, media_type, name)
+                prepared = await self.prepare(data, media_type, name, max_ready)
             metrics.PREPROCESS_SECONDS.labels(prepared.source).observe(time.perf_counter() - start)
             ingest.set_attribute("format", prepared.source)
             job = make_job(data, prepared, name, priority, track, uids, request_id, modalities)
             with tracing.span("enqueue", priority=job.priority):
-                submitted = self.queue.submit(job, trace=tracing.carrier())
+                submitted = self.queue.submit(job, trace=tracing.carrier(), max_ready=max_ready)
         ids = (job.study_uid, job.instance_uid)
         return Accepted(submitted.job_id, submitted.duplicate, request_id, name, job.priority, *ids)
 

@@ -3,10 +3,13 @@
 import time
 from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 import redis
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cxr_triage.engines.onnx import backend_name, choose_providers
@@ -224,3 +227,28 @@ class RequestMetrics:
             route = getattr(scope.get("route"), "path", "other")
             metrics.REQUESTS.labels(route, scope["method"], str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - start)
+
+
+def compress_except(app: FastAPI, paths: frozenset[str]) -> None:
+    """Keep LitServe's GZip for every path but ``paths``, answered uncompressed: a predict reply
+    is ~2 KB of JSON, and compressing it (and the client inflating it) costs both sides more
+    CPU than the 1.4 KB it saves on a hospital network. The worklist's longer replies and the
+    page's assets are still compressed."""
+    for i, entry in enumerate(app.user_middleware):
+        if entry.cls is GZipMiddleware:
+            app.user_middleware[i] = Middleware(GZipExcept, plain=paths, gzip=dict(entry.kwargs))
+
+
+class GZipExcept:
+    """Starlette's GZipMiddleware (its keyword arguments in ``gzip``), bypassed for the paths
+    in ``plain``."""
+
+    def __init__(self, app: ASGIApp, plain: frozenset[str], gzip: dict[str, Any]) -> None:
+        self.app, self.plain = app, plain
+        self.gzip = GZipMiddleware(app, **gzip)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.plain:
+            await self.app(scope, receive, send)
+        else:
+            await self.gzip(scope, receive, send)
