@@ -223,8 +223,21 @@ def test_cpu_breakdown_splits_our_cpu_by_process_against_the_peers_and_the_budge
     ]
     text = "\n".join(bp.cpu_section(run))
     assert "## Where cxr-triage's CPU goes" in text and "40.0 ms" in text
+    # The Redis-queue floor: Redis 3.0 ms/reply + the naive's 5.0 = 8.0 > the 7.4 left
+    floor = bp.durable_floor(run)
+    assert floor is not None and floor.ms == pytest.approx(8.0) and not floor.reachable
+    png_c16 = png_c16_throughput_row(run)
+    assert "Redis-queue floor 8.0 vs 7.4 ms left" in png_c16
+    assert "MISS (out of reach on this machine)" in png_c16
+    ours.roles_cpu_s["redis-server"] = 0.3  # 1.0 + 5.0 <= 7.4: a miss this server could still win
+    png_c16 = png_c16_throughput_row(run)
+    assert "floor 6.0 vs 7.4" in png_c16 and "**MISS**" in png_c16
     ours.engine_cpu_s = None  # no engine figure (an older server): no breakdown rather than a wrong one
     assert bp.cpu_section(run) == []
+
+
+def png_c16_throughput_row(run: bp.Run) -> str:
+    return next(row for row in bp.targets_section(run) if row.startswith("| 224 px PNG, c16: throughput"))
 
 
 def test_metric_sums_add_a_series_over_its_labels_and_only_that_series() -> None:
