@@ -117,7 +117,7 @@ def test_a_request_gets_its_outcome_from_the_announcement_whichever_worker_score
             assert api.queue.statuses([job_id]) == ["queued"] and slow.waiting() == 0
             worker.start()
             started = time.monotonic()
-            outcome = await slow.wait(job_id, 20.0)
+            outcome = await slow.wait(job_id, 20.0, look_first=False)  # as /v1/predict waits
             assert outcome["job_id"] == job_id and outcome["request_id"] == "first"
             assert time.monotonic() - started < 10.0
             again = await asyncio.wait_for(slow.wait(job_id, 20.0), 1.0)  # done already

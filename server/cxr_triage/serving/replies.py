@@ -44,8 +44,12 @@ class Replies:
         self._listener: asyncio.Task[None] | None = None
         self._pid: int | None = None
 
-    async def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
-        """The response body of ``job_id`` once it is done.
+    async def wait(self, job_id: str, timeout: float, look_first: bool = True) -> dict[str, Any]:
+        """The response body of ``job_id`` once it is done. ``look_first``: read the job's
+        outcome before waiting for its announcement, for a job that may be done already (a
+        repeated upload). A job queued by this process's running task since its last await
+        needs no look: its announcement cannot have been read yet (the listener runs only when
+        the task awaits), and a late wait is still found by the sweep.
 
         Raises:
             CxrError: the job failed (its stored error: code, message, status).
@@ -55,7 +59,8 @@ class Replies:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(job_id, []).append(future)
         try:
-            await self._resolve([job_id])  # finished already (a repeated upload): no announcement comes
+            if look_first:  # finished already (a repeated upload): no announcement comes
+                await self._resolve([job_id])
             outcome = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise TimedOut(f"no result within {timeout:g} s; the job is still scored later") from None
@@ -100,7 +105,8 @@ class Replies:
                     await self._resolve(list(self._waiting))  # announced before the subscription
                     await self._follow(pubsub)
             except (RedisError, OSError) as exc:
-                log.warning("replies: Redis failed (%s); subscribing again in 1 s", type(exc).__name__)
+                name = type(exc).__name__
+                log.warning("replies: Redis failed (%s); subscribing again in %g s", name, RETRY_S)
                 await asyncio.sleep(RETRY_S)
             except asyncio.CancelledError:
                 raise

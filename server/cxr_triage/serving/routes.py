@@ -123,7 +123,9 @@ def build_predict_router(intake: Intake, replies: Replies) -> APIRouter:
         request: Request, model: str | None = _MODEL_QUERY, priority: Priority | None = _PRIORITY_QUERY
     ) -> dict[str, object]:
         accepted = await intake.accept(request, model, priority, track=False)
-        return await replies.wait(accepted.job_id, intake.settings.request_timeout_s)
+        # Nothing awaited since the job was queued: only a duplicate may be done already.
+        timeout = intake.settings.request_timeout_s
+        return await replies.wait(accepted.job_id, timeout, look_first=accepted.duplicate)
 
     return router
 
