@@ -1289,7 +1289,7 @@ def targets_section(run: Run) -> list[str]:
         f"measured in this run with no server: {run.cores} processes, one per core, each decoding "
         "uploads with cxr-triage's decoding and running the engine on them, side by side (section "
         "*Bare engine*); a target above it is *out of reach on this machine*.",
-        *(_floor_text(floor) if floor is not None else []),
+        *(["", *_floor_text(floor)] if floor is not None else []),
         "",
     ]
 
