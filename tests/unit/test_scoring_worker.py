@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import json
+import logging
 import multiprocessing
 import queue
 import threading
@@ -24,6 +25,7 @@ from cxr_triage.repository import BatchingSpec
 from cxr_triage.schemas import Priority
 from cxr_triage.serving import yielding
 from cxr_triage.serving.api import TriageAPI
+from cxr_triage.serving.lifecycle import ManagerGone
 from cxr_triage.serving.loop import TriageLoop
 from cxr_triage.serving.replies import Replies
 from cxr_triage.serving.versions import warm_up
@@ -224,3 +226,35 @@ def test_a_routine_batch_stops_while_the_lane_scores_and_is_scored_whole_after(
     finally:
         busy.clear()
         resume_runs()
+
+
+def test_litserve_monitor_losing_its_stopped_manager_is_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """LitServe's monitor polls an Event of its multiprocessing manager; once the manager has
+    shut down, that poll fails as it does at the end of a replica's stop (a real manager here).
+    Logged through LitServe's logger with ManagerGone on it: one INFO line, no traceback; any
+    other failure of the monitor stays an ERROR with its traceback."""
+    litserve_log = logging.getLogger("litserve.server")
+    gone = ManagerGone()
+    litserve_log.addFilter(gone)
+    manager = multiprocessing.Manager()
+    flag = manager.Event()
+    assert not flag.is_set()  # connected, as the monitor is after its first look
+    manager.shutdown()
+    try:
+        with caplog.at_level(logging.INFO, logger="litserve.server"):
+            try:
+                flag.is_set()
+            except Exception:
+                litserve_log.exception(ManagerGone.CRASHED)
+            try:
+                raise RuntimeError("a real bug")
+            except RuntimeError:
+                litserve_log.exception(ManagerGone.CRASHED)
+    finally:
+        litserve_log.removeFilter(gone)
+    stopped, crashed = caplog.records
+    assert (stopped.levelno, stopped.getMessage()) == (logging.INFO, ManagerGone.STOPPED)
+    assert stopped.exc_info is None
+    assert crashed.levelno == logging.ERROR and crashed.exc_info and crashed.exc_info[0] is RuntimeError

@@ -36,7 +36,13 @@ from cxr_triage.serving.auth import ApiKeyMiddleware
 from cxr_triage.serving.finding_routes import build_finding_router
 from cxr_triage.serving.http_errors import install_error_handlers
 from cxr_triage.serving.intake import Intake
-from cxr_triage.serving.lifecycle import die_with_parent, drain_then_stop, name_process, replica_event
+from cxr_triage.serving.lifecycle import (
+    ManagerGone,
+    die_with_parent,
+    drain_then_stop,
+    name_process,
+    replica_event,
+)
 from cxr_triage.serving.replies import Replies
 from cxr_triage.serving.routes import (
     build_predict_router,
@@ -67,6 +73,7 @@ class Service:
         # one: a replica killed with SIGKILL leaves nothing serving its port.
         multiprocessing.util.register_after_fork(self, _die_with_parent_after_fork)
         publisher = self._start_publisher()
+        logging.getLogger("litserve.server").addFilter(ManagerGone())
         try:
             # No uvicorn access log: its request paths carry study UIDs.
             self.server.run(

@@ -141,3 +141,23 @@ def drain_then_stop(
         in_flight,
     )
     stop()
+
+
+class ManagerGone(logging.Filter):
+    """LitServe's worker monitor (a thread of the main process) polls a flag held by its
+    multiprocessing manager. At shutdown the manager may stop first; the monitor's next look
+    then fails on the closed pipe (or on the manager's socket, gone), and LitServe logs
+    "Monitoring worker crashed" with a traceback at ERROR: the end of a clean stop, not a
+    crash. This filter says so in one INFO line; any other failure of the monitor is logged
+    as LitServe logs it."""
+
+    CRASHED = "Monitoring worker crashed"
+    STOPPED = "LitServe's worker monitor stopped: its process manager has shut down"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.msg == self.CRASHED and isinstance(error, (ConnectionError, EOFError, FileNotFoundError)):
+            record.msg, record.args = self.STOPPED, ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
