@@ -216,7 +216,7 @@ class JobQueue:
             return 0
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(b"cxr:job:" + job_id, "worker")
+            pipe.hget(job_key(job_id.decode()), "worker")
         prefix = worker_prefix.encode()
         return sum(1 for w in pipe.execute() if w is not None and w.startswith(prefix))
 
@@ -272,7 +272,7 @@ class JobQueue:
         ids = self.r.zrange(QUEUE, 0, -1)
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(b"cxr:job:" + job_id, "priority")
+            pipe.hget(job_key(job_id.decode()), "priority")
         counts: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
         for p in pipe.execute():
             if p is not None:

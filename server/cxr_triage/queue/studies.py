@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from cxr_triage.queue.jobs import _text
+from cxr_triage.queue.jobs import _text, job_key
 from cxr_triage.triage.scoring import strength
 from cxr_triage.triage.study import combine
 from cxr_triage.triage.worklist import rank
@@ -59,7 +59,7 @@ class StudyStore:
         ids = sorted(m.decode() for m in self.r.smembers(f"cxr:study:{uid}:jobs"))
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hgetall(f"cxr:job:{job_id}")
+            pipe.hgetall(job_key(job_id))
         return [_text(h) for h in pipe.execute()]
 
     def _worklist_entry(self, uid: str, info: Mapping[str, str]) -> dict[str, Any] | None:
@@ -85,7 +85,7 @@ class StudyStore:
         return [_worklist_row(ranked, info, self._summary(info)) for ranked, info in rows[:limit]]
 
     def _summary(self, info: Mapping[str, str]) -> dict[str, Any]:
-        job = _text(self.r.hgetall(f"cxr:job:{info['place_job']}")) if info.get("place_job") else {}
+        job = _text(self.r.hgetall(job_key(info["place_job"]))) if info.get("place_job") else {}
         outcome = json.loads(job["outcome"]) if job.get("outcome") else {}
         if job.get("status") == "failed":
             return {"status": "unscored", "error": outcome.get("error")}
