@@ -1,7 +1,12 @@
 """benchmarks/bench_peers.py: the pure parts (percentiles, targets, CPU trees, tables) and one short
 real cell against the naive FastAPI peer, serving a tiny ONNX model built here."""
 
+import json
 import math
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,6 +245,63 @@ def png_c16_throughput_row(run: bp.Run) -> str:
     return next(row for row in bp.targets_section(run) if row.startswith("| 224 px PNG, c16: throughput"))
 
 
+def round_of(c: bp.Cell, r: int) -> bp.Cell:
+    c.round = r
+    return c
+
+
+def test_interleaved_rounds_pool_and_the_targets_compare_them_beside_the_first_pass(tmp_path: Path) -> None:
+    plan = bp.parse_args(["--duration", "3", "--peers", "naive,cxr-triage", "--results-dir", str(tmp_path)])
+    assert plan.rounds == 2 and bp.parse_args(["--rounds", "0"]).rounds == 0
+    with pytest.raises(SystemExit):
+        bp.parse_args(["--rounds", "-1"])
+    first = full_cells(ours_png=37.0, ours_big=13.0, ours_stat_p95=200.0)  # PNG c16: 37 / 40 = 0.925x
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=first)
+    run.interleaved = [
+        round_of(cell("naive-t2", req_s=40.0, p95=100.0), 1),
+        round_of(cell("cxr-triage", req_s=40.0, p95=80.0), 1),
+        round_of(cell("cxr-triage", req_s=38.0, p95=120.0), 2),
+        round_of(cell("naive-t2", req_s=38.0, p95=200.0), 2),
+        round_of(cell("naive-t1", req_s=30.0), 1),
+        round_of(cell("naive-t1", req_s=30.0), 2),
+    ]
+    ours = bp.find(bp.pooled(run.interleaved), "cxr-triage", "png", 16)
+    assert ours is not None and ours.seconds == 20.0 and ours.ok() == 780
+    assert ours.throughput() == pytest.approx(39.0) and ours.round is None
+    assert ours.p(99) == 120.0 and ours.status == {"routine": {"200": 780}}  # every reply of both rounds
+    cells = bp.target_cells(run)
+    assert bp.find(cells, "naive-t2", "png", 16).throughput() == pytest.approx(39.0)  # type: ignore[union-attr]
+    assert bp.find(cells, "cxr-triage", "png", 4) in first  # not measured again: the first pass
+    assert len([c for c in cells if c.priority]) == 3
+    row = png_c16_throughput_row(run)
+    assert "1.00x (39.0 vs naive-t2 39.0 req/s)" in row and "first pass 0.93x (37.0 vs naive-t2 40.0" in row
+    assert "**PASS**" in row  # the interleaved rounds decide
+    text = bp.render(run)
+    assert "*Interleaved*: the throughput targets' cells were measured again" in text
+    assert "## Interleaved rounds" in text and "| 224 px PNG | 16 | 2 | cxr-triage | 38.0 |" in text
+    summary = json.loads(next(p for p in bp.write_outputs(run, text) if p.suffix == ".json").read_text())
+    assert [c["round"] for c in summary["interleaved"]] == [1, 1, 2, 2, 1, 2]
+    assert all("round" not in c for c in summary["cells"])
+
+
+@pytest.mark.timeout(30)
+def test_a_frozen_server_takes_no_cpu_until_it_is_let_go() -> None:
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        server = bp.Running(bp.PEERS["naive-t1"], "http://127.0.0.1:1/predict", [spin.pid])
+        time.sleep(0.3)
+        with bp.frozen([server]):
+            time.sleep(0.1)
+            before = sum(bp.tree_cpu([spin.pid]).values())
+            time.sleep(0.5)
+            assert sum(bp.tree_cpu([spin.pid]).values()) == before
+        time.sleep(0.5)
+        assert sum(bp.tree_cpu([spin.pid]).values()) > before + 0.2  # running again
+    finally:
+        spin.kill()
+        spin.wait()
+
+
 def test_metric_sums_add_a_series_over_its_labels_and_only_that_series() -> None:
     text = "\n".join(
         [
@@ -324,3 +386,35 @@ def test_the_bare_pipeline_decodes_and_scores_in_one_process_per_core(tmp_path: 
     assert 0.0 <= other < 1.5  # its own processes are not counted as other processes' CPU
     with pytest.raises(RuntimeError, match="failed"):  # a process that cannot run is said, not 0 req/s
         bp.bare_pipeline("png", tmp_path / "missing.onnx", config, 2, 0.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(120)
+def test_interleaved_rounds_take_turns_between_real_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = tmp_path / "model.onnx"
+    tiny_model(engine, 32)
+    config = SimpleNamespace(input=InputSpec(size=32))
+    (tmp_path / "png-0").write_bytes(bp.input_bodies("png")[0])
+    # a second naive server stands in for cxr-triage: the turns, not the server, are under test
+    monkeypatch.setitem(bp.PEERS, "cxr-triage", replace(bp.PEERS["naive-t1"], id="cxr-triage", naive=False))
+    args = ["--duration", "1", "--warmup", "0.3", "--inputs", "png", "--concurrency", "4,16"]
+    plan = bp.parse_args([*args, "--peers", "naive-t1,cxr-triage"])
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1)
+    bp.bench_interleaved(engine, config, {"png": [str(tmp_path / "png-0")]}, plan, run)  # type: ignore[arg-type]
+    order = [("naive-t1", 1), ("cxr-triage", 1), ("cxr-triage", 2), ("naive-t1", 2)]
+    assert [(c.peer, c.round) for c in run.interleaved] == order  # PNG c16 only: c4 is no target
+    assert all(c.ok() > 0 and c.errors() == 0 and c.concurrency == 16 for c in run.interleaved)
+    assert not [
+        p for p in Path("/proc").glob("[0-9]*/cmdline") if b"naive_fastapi" in _read(p)
+    ]  # all stopped
+    none = bp.Run(replace(plan, rounds=0), datetime(2026, 1, 2, tzinfo=UTC), 0.1)
+    bp.bench_interleaved(engine, config, {}, none.plan, none)  # type: ignore[arg-type]
+    assert none.interleaved == []
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
