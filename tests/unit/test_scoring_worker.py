@@ -20,7 +20,7 @@ from cxr_triage.config import Settings
 from cxr_triage.engines.onnx import Preempted, resume_runs
 from cxr_triage.errors import CxrError, TimedOut
 from cxr_triage.imaging import ModelInput
-from cxr_triage.queue import JobQueue, NewJob
+from cxr_triage.queue import JobQueue, NewJob, scripts
 from cxr_triage.repository import BatchingSpec
 from cxr_triage.schemas import Priority
 from cxr_triage.serving import yielding
@@ -150,6 +150,65 @@ def test_a_request_gets_its_outcome_from_the_announcement_whichever_worker_score
         stop.put(_SENTINEL_VALUE)
         worker.join(10)
     assert not worker.is_alive(), "LitServe's stop message ends the worker"
+
+
+def test_a_synchronous_job_is_announced_with_its_outcome_and_answered_from_the_announcement(
+    exported_repo: Path, embedded_redis: str
+) -> None:
+    """COMPLETE publishes a synchronous job's id, status and outcome on cxr:done and a tracked
+    study's job's id alone; the HTTP side answers a request from the announcement itself and
+    looks up only an announcement without its outcome."""
+    r = redis.Redis.from_url(embedded_redis)
+    r.flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
+    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2))
+    api.setup("cpu")
+    pixels = np.random.default_rng(4).random((64, 64), dtype=np.float32)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(scripts.DONE)
+    sync = submit(api.queue, pixels, "sync")
+    item = ModelInput(pixels=pixels, source="png", warnings=[], decode_ms=1.0)
+    tracked = api.queue.submit(
+        NewJob("densenet121-nih14", "routine", item, "t", "1.2.3", "1.2.3.4", True)
+    ).job_id
+    stored = dict(api.run_batch())
+    by_id: dict[str, bytes] = {}
+    deadline = time.monotonic() + 10.0
+    while len(by_id) < 2 and time.monotonic() < deadline:  # None for the subscription's reply
+        if (m := pubsub.get_message(timeout=1.0)) is not None:
+            by_id[m["data"].split(b"\n", 1)[0].decode()] = m["data"]
+    head, status, outcome = by_id[sync].split(b"\n", 2)
+    assert head == sync.encode()
+    assert status == b"done" and json.loads(outcome) == stored[sync]
+    assert by_id[tracked] == tracked.encode()
+    pubsub.close()
+    queued = submit(api.queue, pixels, "queued")
+
+    async def scenario() -> None:
+        replies = Replies(embedded_redis, sweep_s=30.0)  # no sweep in time: announcements only
+        try:
+            # still queued in Redis, announced with an outcome: the announcement answers
+            waiter = asyncio.create_task(replies.wait(queued, 5.0, look_first=False))
+            await asyncio.sleep(0.2)  # subscribed (and found it queued)
+            announcement = f"{queued}\ndone\n" + json.dumps({"job_id": "as announced"})
+            r.publish(scripts.DONE, announcement.encode())
+            assert (await waiter) == {"job_id": "as announced"}
+            # an id alone: the stored outcome is looked up
+            waiter = asyncio.create_task(replies.wait(sync, 5.0, look_first=False))
+            await asyncio.sleep(0.05)
+            r.publish(scripts.DONE, sync)
+            assert (await waiter) == stored[sync]
+            failed = {"error": {"code": "worker_lost", "message": "gone", "status": 500}}
+            waiter = asyncio.create_task(replies.wait("x" * 32, 5.0, look_first=False))
+            await asyncio.sleep(0.05)
+            r.publish(scripts.DONE, ("x" * 32 + "\nfailed\n" + json.dumps(failed)).encode())
+            with pytest.raises(CxrError) as err:
+                await waiter
+            assert err.value.code == "worker_lost"
+        finally:
+            await replies.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_routine_batch_stops_while_the_lane_scores_and_is_scored_whole_after(

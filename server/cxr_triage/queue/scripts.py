@@ -5,8 +5,9 @@ Key names are built inside the scripts from the ``cxr:`` prefix, which is right 
 
 The scripts announce changes for the processes that act on them at once instead of polling:
 ``new <priority>`` on ``cxr:events`` (EVENTS) when a job is queued (``new`` alone when jobs go
-back to the queue), for the inference workers; the job id on ``cxr:done`` (DONE) when a job is
-done or failed, for the HTTP processes whose requests wait for it (``serving.replies``). Pub/sub
+back to the queue), for the inference workers; on ``cxr:done`` (DONE), when a job is done or
+failed, its id and, for a synchronous job, its status and outcome, for the HTTP processes whose
+requests wait for it (``serving.replies``). Pub/sub
 is fire and forget: both still look at Redis now and then, so a lost announcement only costs time.
 """
 
@@ -40,9 +41,16 @@ local function requeue(job_key, job_id)
   redis.call('ZADD', 'cxr:queue', redis.call('HGET', job_key, 'deadline'), job_id)
 end
 
--- A job that is done or failed: whoever waits for it answers now.
-local function announce_done(job_id)
-  redis.call('PUBLISH', 'cxr:done', job_id)
+-- A job that is done or failed: whoever waits for it answers now. A synchronous job's
+-- announcement carries its outcome ("<id>\\n<status>\\n<outcome json>"), so that the request
+-- waiting for it needs no look-up; a tracked study's job (no request waits for it) announces
+-- its id alone.
+local function announce_done(job_key, job_id, status, outcome)
+  if redis.call('HGET', job_key, 'track') == '1' then
+    redis.call('PUBLISH', 'cxr:done', job_id)
+  else
+    redis.call('PUBLISH', 'cxr:done', job_id .. '\\n' .. status .. '\\n' .. outcome)
+  end
 end
 
 local function study_finished(job_key)
@@ -164,7 +172,7 @@ if redis.call('HGET', jk, 'track') ~= '1' then
 end
 raise_place(jk, id, ARGV[6], ARGV[7])
 study_finished(jk)
-announce_done(id)
+announce_done(jk, id, ARGV[3], ARGV[4])
 return 1
 """
 )
@@ -186,7 +194,7 @@ for _, id in ipairs(ids) do
       redis.call('DEL', 'cxr:payload:' .. id)
       raise_place(jk, id, ARGV[4], ARGV[5])
       study_finished(jk)
-      announce_done(id)
+      announce_done(jk, id, 'failed', ARGV[3])
       failed = failed + 1
     else
       requeue(jk, id)

@@ -2,8 +2,9 @@
 
 ``POST /v1/predict`` queues its job like every other route and then waits on Redis for the
 outcome, whichever worker in whichever replica scores it: the queue's scripts announce each
-finished job on the ``cxr:done`` channel (``scripts.DONE``), and one subscription per HTTP
-process wakes the requests that wait for it. The reply never passes through an inference
+finished job on the ``cxr:done`` channel (``scripts.DONE``), a synchronous job with its outcome,
+and one subscription per HTTP process answers the requests that wait for it (an announcement
+without the outcome, from a tracked study's job, is looked up). The reply never passes through an inference
 worker's memory, so a worker that dies mid-batch costs the request time, not its answer: the
 job is re-delivered and the request gets that outcome.
 
@@ -121,9 +122,14 @@ class Replies:
             done: list[str] = []
             while message is not None:
                 if message.get("type") == "message":
-                    job_id = bytes(message["data"]).decode()
+                    head, _, outcome = bytes(message["data"]).partition(b"\n")
+                    job_id = head.decode()
                     if job_id in self._waiting:
-                        done.append(job_id)
+                        status, _, outcome = outcome.partition(b"\n")
+                        if status in (b"done", b"failed"):  # announced with its outcome
+                            self._answer(job_id, json.loads(outcome))
+                        else:
+                            done.append(job_id)
                 message = await pubsub.get_message(timeout=0.0)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.sweep_s
@@ -147,9 +153,12 @@ class Replies:
                 body = json.loads(outcome)
             else:
                 continue
-            for future in self._waiting.pop(job_id, []):
-                if not future.done():
-                    future.set_result(body)
+            self._answer(job_id, body)
+
+    def _answer(self, job_id: str, body: dict[str, Any]) -> None:
+        for future in self._waiting.pop(job_id, []):
+            if not future.done():
+                future.set_result(body)
 
     def _forget(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
         futures = self._waiting.get(job_id)
