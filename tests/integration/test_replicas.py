@@ -395,3 +395,5 @@ def test_sigterm_drains(cluster: Cluster) -> None:
     jobs = wait_done(cluster, [stuck, late])
     assert [scored_by(job) for job in jobs] == ["a", "a"]
     assert "put back on the queue: 1" in b.log()
+    # every process let go of what it held: multiprocessing's resource tracker has nothing left
+    assert "leaked semaphore" not in b.log(), b.log()[-3000:]

@@ -238,7 +238,7 @@ def own_predict_route(app: FastAPI, path: str) -> None:
 def _follow_serving(app: FastAPI, intake: Intake, replies: Replies) -> None:
     """Run ``intake.follow_serving`` beside LitServe's own lifespan in each HTTP process
     (LitServe sets a lifespan, so FastAPI start-up handlers would not run); close the
-    process's wait for replies at its end."""
+    process's wait for replies and its decoding processes at its end."""
     litserve_lifespan = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
@@ -251,6 +251,7 @@ def _follow_serving(app: FastAPI, intake: Intake, replies: Replies) -> None:
             finally:
                 task.cancel()
                 await replies.close()
+                intake.close()
 
     app.router.lifespan_context = lifespan
 

@@ -116,6 +116,14 @@ class Intake:
             self._pool_pid = os.getpid()
         return self._pool
 
+    def close(self) -> None:
+        """Stop this process's decoding processes (the HTTP server's end): their queues' named
+        semaphores are released with them, and nothing is left for multiprocessing's resource
+        tracker to clean up (and warn about) at exit."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
     async def warm(self) -> None:
         """Start every decoding process (spawn + imports take ~1 s) before traffic arrives."""
         loop = asyncio.get_running_loop()
