@@ -37,6 +37,16 @@ def submit(q: JobQueue, pixels: np.ndarray, rid: str, priority: Priority = "rout
     return q.submit(NewJob("densenet121-nih14", priority, item, rid)).job_id
 
 
+def worker_api(repo: Path, redis_url: str) -> tuple[redis.Redis, TriageAPI]:
+    """An emptied Redis and a set-up inference worker's API at batch ≤ 2."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    settings = Settings(model_repo=repo, redis_url=redis_url, routine_nice=0)
+    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2))
+    api.setup("cpu")
+    return r, api
+
+
 def test_batch_is_one_engine_call_and_a_malformed_input_fails_alone(
     exported_repo: Path, embedded_redis: str
 ) -> None:
@@ -101,11 +111,7 @@ def test_a_request_gets_its_outcome_from_the_announcement_whichever_worker_score
     that covers lost ones; a repeated wait is answered at once; a failed job answers with its
     stored error; a job finished without an announcement is found by that slow look; and
     LitServe's stop message ends the loop."""
-    r = redis.Redis.from_url(embedded_redis)
-    r.flushall()
-    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
-    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2))
-    api.setup("cpu")
+    r, api = worker_api(exported_repo, embedded_redis)
     pixels = np.random.default_rng(2).random((64, 64), dtype=np.float32)
     stop: queue.Queue[object] = queue.Queue()
     worker = threading.Thread(target=TriageLoop(), args=(api, "cpu", 0, stop, None, {}, None), daemon=True)
@@ -158,11 +164,7 @@ def test_a_synchronous_job_is_announced_with_its_outcome_and_answered_from_the_a
     """COMPLETE publishes a synchronous job's id, status and outcome on cxr:done and a tracked
     study's job's id alone; the HTTP side answers a request from the announcement itself and
     looks up only an announcement without its outcome."""
-    r = redis.Redis.from_url(embedded_redis)
-    r.flushall()
-    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, routine_nice=0)
-    api = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=2))
-    api.setup("cpu")
+    r, api = worker_api(exported_repo, embedded_redis)
     pixels = np.random.default_rng(4).random((64, 64), dtype=np.float32)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(scripts.DONE)

@@ -7,8 +7,8 @@ The scripts announce changes for the processes that act on them at once instead 
 ``new <priority>`` on ``cxr:events`` (EVENTS) when a job is queued (``new`` alone when jobs go
 back to the queue), for the inference workers; on ``cxr:done`` (DONE), when a job is done or
 failed, its id and, for a synchronous job, its status and outcome, for the HTTP processes whose
-requests wait for it (``serving.replies``). Pub/sub
-is fire and forget: both still look at Redis now and then, so a lost announcement only costs time.
+requests wait for it (``serving.replies``). Pub/sub is fire and forget: both still look at Redis
+now and then, so a lost announcement only costs time.
 """
 
 EVENTS = b"cxr:events"

@@ -4,9 +4,9 @@
 outcome, whichever worker in whichever replica scores it: the queue's scripts announce each
 finished job on the ``cxr:done`` channel (``scripts.DONE``), a synchronous job with its outcome,
 and one subscription per HTTP process answers the requests that wait for it (an announcement
-without the outcome, from a tracked study's job, is looked up). The reply never passes through an inference
-worker's memory, so a worker that dies mid-batch costs the request time, not its answer: the
-job is re-delivered and the request gets that outcome.
+without the outcome, from a tracked study's job, is looked up). The reply never passes through
+an inference worker's memory, so a worker that dies mid-batch costs the request time, not its
+answer: the job is re-delivered and the request gets that outcome.
 
 Announcements are fire and forget, so the waiting jobs are also looked up every ``SWEEP_S``
 (and at once after a re-subscription): a lost announcement costs time, never an answer.
