@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -537,14 +538,12 @@ def pooled(cells: Sequence[Cell]) -> list[Cell]:
     out = []
     for (peer, input, concurrency, priority), group in groups.items():
         kinds = dict.fromkeys(k for c in group for k in c.latencies_ms)
-        status: dict[str, dict[str, int]] = {}
-        roles: dict[str, float] = {}
+        status: dict[str, Counter[str]] = {}  # request class -> HTTP status -> count, added up
+        roles: Counter[str] = Counter()
         for c in group:
             for kind, counts in c.status.items():
-                for code, n in counts.items():
-                    status.setdefault(kind, {})[code] = status.get(kind, {}).get(code, 0) + n
-            for name, cpu in c.roles_cpu_s.items():
-                roles[name] = roles.get(name, 0.0) + cpu
+                status.setdefault(kind, Counter()).update(counts)
+            roles.update(c.roles_cpu_s)
         engine = [c.engine_cpu_s for c in group]
         out.append(
             Cell(
@@ -553,13 +552,13 @@ def pooled(cells: Sequence[Cell]) -> list[Cell]:
                 concurrency=concurrency,
                 seconds=sum(c.seconds for c in group),
                 latencies_ms={k: [ms for c in group for ms in c.latencies_ms.get(k, [])] for k in kinds},
-                status=status,
+                status={kind: dict(counts) for kind, counts in status.items()},
                 server_cpu_s=sum(c.server_cpu_s for c in group),
                 client_cpu_s=sum(c.client_cpu_s for c in group),
                 other_cpu_s=sum(c.other_cpu_s for c in group),
                 wall_s=sum(c.wall_s for c in group),
                 priority=priority,
-                roles_cpu_s=roles,
+                roles_cpu_s=dict(roles),
                 engine_cpu_s=None if None in engine else sum(e for e in engine if e is not None),
             )
         )
@@ -1237,21 +1236,24 @@ def result_rows(
             cell = find(cells, peer, kind, c)
             if cell is None:
                 continue
-            rows.append(
-                [
-                    str(c),
-                    PEERS[peer].label,
-                    f"**{cell.throughput():.1f}**" if peer == "cxr-triage" else f"{cell.throughput():.1f}",
-                    fmt(cell.p(50)),
-                    fmt(cell.p(95)),
-                    fmt(cell.p(99)),
-                    f"{cell.ok()} / {cell.errors()}",
-                    cpu_cell(cell.server_cpu_s, cell.wall_s),
-                    cpu_cell(cell.client_cpu_s, cell.wall_s),
-                    cpu_cell(cell.other_cpu_s, cell.wall_s) + (" **busy**" if cell.busy else ""),
-                ]
-            )
+            rows.append([str(c), *cell_figures(cell)])
     return rows
+
+
+def cell_figures(cell: Cell) -> list[str]:
+    """A cell's row from its peer on (RESULT_HEADER less the concurrency)."""
+    req_s = f"{cell.throughput():.1f}"
+    return [
+        PEERS[cell.peer].label,
+        f"**{req_s}**" if cell.peer == "cxr-triage" else req_s,
+        fmt(cell.p(50)),
+        fmt(cell.p(95)),
+        fmt(cell.p(99)),
+        f"{cell.ok()} / {cell.errors()}",
+        cpu_cell(cell.server_cpu_s, cell.wall_s),
+        cpu_cell(cell.client_cpu_s, cell.wall_s),
+        cpu_cell(cell.other_cpu_s, cell.wall_s) + (" **busy**" if cell.busy else ""),
+    ]
 
 
 RESULT_HEADER = [
@@ -1431,34 +1433,12 @@ def _interleaved_text(run: Run) -> list[str]:
 def interleaved_section(run: Run) -> list[str]:
     if not run.interleaved:
         return []
-    rows = []
-    for c in sorted(run.interleaved, key=lambda c: (list(INPUTS).index(c.input), c.concurrency, c.round)):
-        rows.append(
-            [
-                INPUTS[c.input].label.split(" (")[0],
-                str(c.concurrency),
-                str(c.round),
-                PEERS[c.peer].label,
-                fmt(c.throughput(), 1),
-                fmt(c.p(50)),
-                fmt(c.p(95)),
-                fmt(c.p(99)),
-                cpu_cell(c.server_cpu_s, c.wall_s),
-                cpu_cell(c.other_cpu_s, c.wall_s) + (" **busy**" if c.busy else ""),
-            ]
-        )
-    header = [
-        "input",
-        "conc.",
-        "round",
-        "peer",
-        "req/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "CPU s server",
-        "CPU s other",
+    order = sorted(run.interleaved, key=lambda c: (list(INPUTS).index(c.input), c.concurrency, c.round))
+    rows = [
+        [INPUTS[c.input].label.split(" (")[0], str(c.concurrency), str(c.round), *cell_figures(c)]
+        for c in order
     ]
+    header = ["input", RESULT_HEADER[0], "round", *RESULT_HEADER[1:]]
     return [
         "## Interleaved rounds",
         "",
