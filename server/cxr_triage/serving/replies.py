@@ -122,10 +122,10 @@ class Replies:
             done: list[str] = []
             while message is not None:
                 if message.get("type") == "message":
-                    head, _, outcome = bytes(message["data"]).partition(b"\n")
+                    head, _, rest = bytes(message["data"]).partition(b"\n")
                     job_id = head.decode()
                     if job_id in self._waiting:
-                        status, _, outcome = outcome.partition(b"\n")
+                        status, _, outcome = rest.partition(b"\n")
                         if status in (b"done", b"failed"):  # announced with its outcome
                             self._answer(job_id, json.loads(outcome))
                         else:
