@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cxr_triage.imaging.cores import usable_cores
+
 Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
 
 
@@ -74,6 +76,13 @@ class Settings(BaseSettings):
     )
     decode_workers: int = Field(
         0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per core"
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        description="most threads one JPEG 2000 decode may take while cores are idle (a study arriving "
+        "at a quiet moment is decoded sooner; under load each decode keeps one thread, the least CPU per "
+        "image); 0 = every usable core, 1 = always one",
     )
     inline_decode_pixels: int = Field(
         512 * 512,
@@ -166,6 +175,9 @@ class Settings(BaseSettings):
 
     def resolved_decode_workers(self) -> int:
         return self.decode_workers or max(1, os.cpu_count() or 1)
+
+    def resolved_decode_threads(self) -> int:
+        return self.decode_threads or usable_cores()
 
     def resolved_engines(self, accelerated: bool) -> "Settings":
         """These settings with ``inference_workers`` and ``intra_op_threads`` made concrete.

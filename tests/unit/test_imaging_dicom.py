@@ -1,12 +1,15 @@
 """DICOM decoding on real radiographs (pydicom-data's chest CR) and every error path."""
 
+import os
+from typing import Any
+
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from cxr_triage import errors
-from cxr_triage.imaging import ImageLimits, decode, prepare
+from cxr_triage.imaging import ImageLimits, cores, decode, dicom, prepare
 from cxr_triage.repository.models import InputSpec
 from tests.helpers import dataset_bytes, dicom_bytes, dicom_path
 
@@ -208,3 +211,73 @@ def test_malformed_grayscale_attributes_are_4xx_not_a_crash(breakage: str) -> No
         ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7"
     with pytest.raises((errors.CorruptImage, errors.UnsupportedTransferSyntax, errors.NotAnImage)):
         decode(dataset_bytes(ds), "application/dicom", LIMITS)
+
+
+# --- JPEG 2000 on idle cores -----------------------------------------------------------------
+
+J2K_SINGLE_FRAME = [
+    "RG1_J2KR.dcm",
+    "RG1_J2KI.dcm",
+    "RG3_J2KR.dcm",
+    "MR2_J2KI.dcm",
+    "693_J2KR.dcm",
+    "693_J2KI.dcm",
+    "J2K_pixelrep_mismatch.dcm",
+    "JPEG2000.dcm",
+    "MR_small_jp2klossless.dcm",
+    "US1_J2KR.dcm",
+    "GDCMJ2K_TextGBR.dcm",
+]
+
+
+@pytest.fixture
+def threads_used(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every core idle: a decode may take its limit. Returns the thread counts decodes ran with."""
+    used: list[int] = []
+    real = dicom.openjpeg_threads
+
+    def spy(threads: int) -> Any:
+        used.append(threads)
+        return real(threads)
+
+    monkeypatch.setattr(cores, "idle_cores", lambda: 64)
+    monkeypatch.setattr(dicom, "openjpeg_threads", spy)
+    return used
+
+
+@pytest.mark.parametrize("name", J2K_SINGLE_FRAME)
+def test_j2k_on_several_threads_gives_the_single_threaded_image(name: str, threads_used: list[int]) -> None:
+    data = dicom_bytes(name)
+    threaded = decode(data, "application/dicom", ImageLimits(decode_threads=3))
+    grayscale = pydicom.dcmread(dicom_path(name), stop_before_pixels=True).SamplesPerPixel == 1
+    assert threads_used[0] == (3 if grayscale else 1)  # colour keeps the single-threaded plugin
+    threads_used.clear()
+    single = decode(data, "application/dicom", ImageLimits(decode_threads=1))
+    assert threads_used == [1]
+    assert np.array_equal(threaded.pixels, single.pixels)
+
+
+def test_j2k_on_several_threads_keeps_the_exactness_rule(threads_used: list[int]) -> None:
+    limits = ImageLimits(decode_threads=2)
+    j2k = prepare(dicom_bytes("RG1_J2KR.dcm"), "application/dicom", SPEC, limits).pixels
+    assert threads_used == [2]
+    assert np.array_equal(j2k, model_input(dicom_bytes("RG1_UNCR.dcm")))
+
+
+def test_truncated_j2k_on_several_threads_is_corrupt(threads_used: list[int]) -> None:
+    data = dicom_bytes("RG1_J2KR.dcm")
+    with pytest.raises(errors.CorruptImage):
+        decode(data[: len(data) - len(data) // 3], "application/dicom", ImageLimits(decode_threads=2))
+
+
+def test_openjpeg_threads_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPJ_NUM_THREADS", raising=False)
+    with dicom.openjpeg_threads(4):
+        assert os.environ["OPJ_NUM_THREADS"] == "4"
+    assert "OPJ_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OPJ_NUM_THREADS", "2")
+    with pytest.raises(RuntimeError), dicom.openjpeg_threads(4):
+        raise RuntimeError("decoder failed")
+    assert os.environ["OPJ_NUM_THREADS"] == "2"
+    with dicom.openjpeg_threads(1):  # one thread: the environment is left alone
+        assert os.environ["OPJ_NUM_THREADS"] == "2"

@@ -61,7 +61,11 @@ class Intake:
         # name -> version serving at start-up: it keeps serving while there is no serving.json.
         self.pinned = {n: v.version for n in served if (v := repository.get(n).served) is not None}
         self.queue = queue
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        self.limits = ImageLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_pixels,
+            decode_threads=settings.resolved_decode_threads(),
+        )
         self._pool: ProcessPoolExecutor | None = None
         self._pool_pid: int | None = None
         # seen=False: the first poll re-reads, covering a promotion since ``repository`` was read.
