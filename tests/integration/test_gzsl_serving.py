@@ -32,9 +32,8 @@ from tests.helpers import (
     copy_repo,
     png_bytes,
     redis_server,
+    running_server,
     save_tiny_bert,
-    start_server,
-    stop,
 )
 
 MODEL = "gzsl-tiny"
@@ -75,11 +74,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _serve(repo: Path, redis_url: str) -> Iterator[str]:
     env = {"CXR_REDIS_URL": redis_url, "CXR_DECODE_WORKERS": "1", "CXR_INTRA_OP_THREADS": "1"}
-    server = start_server(repo, env)
-    try:
-        yield server.wait_ready().url
-    finally:
-        stop(server.proc)
+    with running_server(repo, env) as url:  # its log is removed after
+        yield url
 
 
 @pytest.fixture(scope="module")
