@@ -98,6 +98,7 @@ SHARED_DISTS = (
     "python-gdcm",
 )
 SMOKE_BELOW_S = 10.0  # a --duration below this is a smoke run: named and marked as such
+MAX_WINDOW_FACTOR = 3  # the longest interleaved cell, in --duration (window_s)
 MAX_DELTA_P = 1e-3  # largest |probability difference| to the bare engine that counts as the same input
 
 
@@ -238,6 +239,7 @@ class Plan:
     quiet_timeout: float
     results_dir: Path
     rounds: int = 2  # interleaved rounds of the target cells (bench_interleaved); 0: none
+    min_replies: int = 100  # an interleaved cell measures long enough for this many (see window_s)
 
     @property
     def smoke(self) -> bool:
@@ -296,6 +298,13 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         help="rounds of the interleaved re-measure of the target cells, naive and cxr-triage taking "
         "turns (default 2; 0: none)",
     )
+    p.add_argument(
+        "--min-replies",
+        type=int,
+        default=100,
+        help="an interleaved cell measures long enough for this many replies at the slowest first-pass "
+        f"rate of its peers, at most {MAX_WINDOW_FACTOR}x --duration (default 100)",
+    )
     a = p.parse_args(argv)
     inputs = tuple(csv_list(a.inputs))
     if unknown := [i for i in inputs if i not in INPUTS]:
@@ -305,8 +314,11 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         concurrency = tuple(int(c) for c in csv_list(a.concurrency))
     except ValueError as exc:
         p.error(str(exc))
-    if not concurrency or min(concurrency) < 1 or a.duration <= 0 or a.rounds < 0:
-        p.error("--concurrency needs positive integers, --duration a positive number, --rounds ≥ 0")
+    if not concurrency or min(concurrency) < 1 or a.duration <= 0 or a.rounds < 0 or a.min_replies < 0:
+        p.error(
+            "--concurrency needs positive integers, --duration a positive number, --rounds and "
+            "--min-replies ≥ 0"
+        )
     return Plan(
         duration=a.duration,
         warmup=a.warmup if a.warmup is not None else (1.0 if a.duration < SMOKE_BELOW_S else 3.0),
@@ -321,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         quiet_timeout=a.quiet_timeout,
         results_dir=a.results_dir,
         rounds=a.rounds,
+        min_replies=a.min_replies,
     )
 
 
@@ -1167,6 +1180,17 @@ def frozen(servers: Sequence[Running]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
+def window_s(plan: Plan, first_pass: Sequence[Cell]) -> float:
+    """Seconds an interleaved cell measures: ``plan.duration``, or longer where the slowest peer's
+    first-pass rate would give fewer than ``plan.min_replies`` replies (a J2K cell gets ~40 in
+    20 s, so one reply more or less moves its ratio by ~2.5%), at most MAX_WINDOW_FACTOR times."""
+    rates = [c.throughput() for c in first_pass if not c.priority]
+    if not rates or min(rates) <= 0:
+        return plan.duration
+    wanted = plan.min_replies / min(rates)
+    return min(max(plan.duration, wanted), MAX_WINDOW_FACTOR * plan.duration)
+
+
 def bench_interleaved(
     engine: Path, config: ModelConfig, files: dict[str, list[str]], plan: Plan, run: Run
 ) -> None:
@@ -1185,10 +1209,16 @@ def bench_interleaved(
             with frozen([o for o in servers if o is not s]):
                 s.idle_cores = server_cores(s.roots, 2.0)
         for kind, concurrency in keys:
+            first = [
+                c
+                for c in run.cells
+                if (c.input, c.concurrency, c.peer) in {(kind, concurrency, p) for p in peers}
+            ]
+            cell_plan = replace(plan, duration=window_s(plan, first))
             for r in range(plan.rounds):
                 for s in servers if r % 2 == 0 else servers[::-1]:
                     with frozen([o for o in servers if o is not s]):
-                        cell = replace(timed_cell(s, kind, files[kind], concurrency, plan), round=r + 1)
+                        cell = replace(timed_cell(s, kind, files[kind], concurrency, cell_plan), round=r + 1)
                     run.interleaved.append(cell)
                     console.print(f"round {r + 1}: {cell_line(cell)}")
 
@@ -1435,16 +1465,24 @@ def interleaved_section(run: Run) -> list[str]:
         return []
     order = sorted(run.interleaved, key=lambda c: (list(INPUTS).index(c.input), c.concurrency, c.round))
     rows = [
-        [INPUTS[c.input].label.split(" (")[0], str(c.concurrency), str(c.round), *cell_figures(c)]
+        [
+            INPUTS[c.input].label.split(" (")[0],
+            str(c.concurrency),
+            str(c.round),
+            fmt(c.seconds),
+            *cell_figures(c),
+        ]
         for c in order
     ]
-    header = ["input", RESULT_HEADER[0], "round", *RESULT_HEADER[1:]]
+    header = ["input", RESULT_HEADER[0], "round", "s", *RESULT_HEADER[1:]]
     return [
         "## Interleaved rounds",
         "",
         *table(header, rows),
         "",
-        f"Each row: {run.plan.warmup:g} s warm-up, then {run.plan.duration:g} s measured, as in *Results*; "
+        f"Each row: {run.plan.warmup:g} s warm-up, then {run.plan.duration:g} s measured as in *Results*, "
+        f"or longer where the slowest peer's first-pass rate would give fewer than {run.plan.min_replies} "
+        f"replies (at most {MAX_WINDOW_FACTOR * run.plan.duration:g} s; column *s*); "
         "*CPU s other* includes nothing of the servers waiting for their turn (they are stopped).",
         "",
     ]

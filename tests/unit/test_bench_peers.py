@@ -279,10 +279,23 @@ def test_interleaved_rounds_pool_and_the_targets_compare_them_beside_the_first_p
     text = bp.render(run)
     assert "*Interleaved*: the throughput targets' cells were measured again" in text
     assert "## Interleaved rounds" in text
-    assert "| 224 px PNG | 16 | 2 | cxr-triage | **38.0** | 60 | 120 | 120 | 380 / 0 |" in text
+    assert "| 224 px PNG | 16 | 2 | 10 | cxr-triage | **38.0** | 60 | 120 | 120 | 380 / 0 |" in text
     summary = json.loads(next(p for p in bp.write_outputs(run, text) if p.suffix == ".json").read_text())
     assert [c["round"] for c in summary["interleaved"]] == [1, 1, 2, 2, 1, 2]
     assert all("round" not in c for c in summary["cells"])
+
+
+def test_an_interleaved_cell_measures_long_enough_for_its_slowest_peer() -> None:
+    plan = bp.parse_args([])
+    assert (plan.duration, plan.min_replies) == (20.0, 100)
+    assert bp.window_s(plan, [cell("naive-t1", req_s=40.0), cell("cxr-triage", req_s=38.0)]) == 20.0
+    j2k = [cell("naive-t1", req_s=1.8), cell("cxr-triage", req_s=2.4)]
+    assert bp.window_s(plan, j2k) == pytest.approx(100 / 1.8)  # the slowest peer's 100 replies
+    assert bp.window_s(plan, [cell("naive-t1", req_s=0.5)]) == 60.0  # at most 3x --duration
+    assert bp.window_s(plan, []) == 20.0  # no first pass: --duration
+    assert bp.window_s(bp.parse_args(["--min-replies", "0"]), j2k) == 20.0
+    with pytest.raises(SystemExit):
+        bp.parse_args(["--min-replies", "-1"])
 
 
 @pytest.mark.timeout(30)
