@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cxr_triage.imaging.cores import usable_cores
+from cxr_triage.cores import usable_cores
 
 Backend = Literal["auto", "cpu", "cuda", "tensorrt"]
 

@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from cxr_triage import errors
-from cxr_triage.imaging import ImageLimits, cores, decode, dicom, prepare
+from cxr_triage import cores, errors
+from cxr_triage.imaging import ImageLimits, decode, dicom, prepare
 from cxr_triage.repository.models import InputSpec
 from tests.helpers import dataset_bytes, dicom_bytes, dicom_path
 

@@ -18,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
+from cxr_triage import cores
 from cxr_triage.errors import (
     CorruptImage,
     CxrError,
@@ -28,7 +29,6 @@ from cxr_triage.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
-from cxr_triage.imaging import cores
 from cxr_triage.imaging.raster import _stretch
 from cxr_triage.imaging.types import DecodedImage, ImageLimits
 
@@ -143,7 +143,7 @@ PREFERRED_DECODERS: dict[str, str] = {
     JPEG2000: "pylibjpeg",
 }
 # The plugin for a JPEG 2000 grayscale image decoded on several threads (cores are idle: see
-# ``imaging.cores``). Pillow's OpenJPEG splits one image's code-blocks over OPJ_NUM_THREADS
+# ``cxr_triage.cores``). Pillow's OpenJPEG splits one image's code-blocks over OPJ_NUM_THREADS
 # threads (pylibjpeg-openjpeg is built without threads): RG1_J2KR on 2 threads took 365 ms wall
 # against 690 on one, for ~5% more CPU, and gives the same array as the single-threaded plugin.
 THREADED_DECODERS: dict[str, str] = {

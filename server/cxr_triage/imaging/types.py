@@ -11,7 +11,7 @@ SourceFormat = Literal["png", "jpeg", "dicom"]
 @dataclass(frozen=True)
 class ImageLimits:
     """Guards against decompression bombs: both the bytes received and the decoded pixels; and
-    the most threads one decode may take while cores are idle (JPEG 2000; ``imaging.cores``)."""
+    the most threads one decode may take while cores are idle (JPEG 2000; ``cxr_triage.cores``)."""
 
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cxr_triage import cores
 from cxr_triage.config import Settings
-from cxr_triage.imaging import cores
 
 
 @pytest.fixture
