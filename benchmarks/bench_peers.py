@@ -1210,9 +1210,7 @@ def bench_interleaved(
                 s.idle_cores = server_cores(s.roots, 2.0)
         for kind, concurrency in keys:
             first = [
-                c
-                for c in run.cells
-                if (c.input, c.concurrency, c.peer) in {(kind, concurrency, p) for p in peers}
+                c for c in run.cells if c.peer in peers and (c.input, c.concurrency) == (kind, concurrency)
             ]
             cell_plan = replace(plan, duration=window_s(plan, first))
             for r in range(plan.rounds):

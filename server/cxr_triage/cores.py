@@ -64,4 +64,4 @@ def decode_threads(limit: int) -> int:
     """Threads for a decode starting now: 1 plus the idle cores, at most ``limit`` (1 = always 1)."""
     if limit <= 1:
         return 1
-    return max(1, min(limit, 1 + idle_cores()))
+    return min(limit, 1 + idle_cores())
