@@ -281,3 +281,21 @@ def test_openjpeg_threads_restores_the_environment(monkeypatch: pytest.MonkeyPat
     assert os.environ["OPJ_NUM_THREADS"] == "2"
     with dicom.openjpeg_threads(1):  # one thread: the environment is left alone
         assert os.environ["OPJ_NUM_THREADS"] == "2"
+
+
+def test_warm_decoders_loads_each_j2k_plugin_on_its_thread_count(threads_used: list[int]) -> None:
+    before = os.environ.get("OPJ_NUM_THREADS")
+    assert dicom.warm_decoders() == ["pylibjpeg", "pillow"]  # each gave the tiny image back exactly
+    assert threads_used == [1, 2]
+    assert os.environ.get("OPJ_NUM_THREADS") == before
+
+
+def test_warm_decoders_failing_is_logged_not_raised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(syntax: str) -> Any:
+        raise RuntimeError("no plugin for this syntax")
+
+    monkeypatch.setattr(dicom, "get_decoder", broken)
+    assert dicom.warm_decoders() == []
+    assert "did not warm up" in caplog.text

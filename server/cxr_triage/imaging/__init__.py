@@ -11,7 +11,7 @@ from io import BytesIO
 from PIL import Image
 
 from cxr_triage.errors import NotAnImage, UnsupportedMediaType
-from cxr_triage.imaging.dicom import decode_dicom
+from cxr_triage.imaging.dicom import decode_dicom, warm_decoders
 from cxr_triage.imaging.preprocess import resize_for_model, to_batch
 from cxr_triage.imaging.raster import decode_raster
 from cxr_triage.imaging.types import DecodedImage, ImageLimits, ModelInput, SourceFormat
@@ -27,6 +27,7 @@ __all__ = [
     "resize_for_model",
     "sniff",
     "to_batch",
+    "warm_decoders",
 ]
 
 ACCEPTED_MEDIA_TYPES: dict[str, SourceFormat] = {

@@ -5,6 +5,7 @@ Order of operations is the standard's grayscale pipeline (PS3.4 N.2.1): stored v
 MONOCHROME1 inverted, so the result always reads "0 = black" like a MONOCHROME2 image.
 """
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -13,10 +14,10 @@ from io import BytesIO
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from cxr_triage import cores
 from cxr_triage.errors import (
@@ -31,6 +32,8 @@ from cxr_triage.errors import (
 )
 from cxr_triage.imaging.raster import _stretch
 from cxr_triage.imaging.types import DecodedImage, ImageLimits
+
+log = logging.getLogger(__name__)
 
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
@@ -185,6 +188,40 @@ def _plugins(ds: Dataset, syntax: str, max_threads: int) -> list[tuple[str, int]
     if preferred := PREFERRED_DECODERS.get(syntax):
         plugins.append((preferred, 1))
     return plugins
+
+
+def warm_decoders() -> list[str]:
+    """Load the JPEG 2000 decoders with a tiny image, in a decoding process before its first
+    study: each plugin's first decode loads its modules and shared library, which cost the
+    first J2K study of every decoding process ~300-400 ms. Best effort: a plugin that cannot
+    warm up here fails the same way on a study, and says so there. Returns the plugins that
+    gave the tiny image back exactly."""
+    warmed = []
+    try:
+        image = (np.arange(32 * 32, dtype=np.uint16) * 4).reshape(32, 32)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Rows, ds.Columns = image.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = image.tobytes()
+        ds.compress(JPEG2000Lossless)
+        decoder = get_decoder(JPEG2000Lossless)
+        for plugin, threads in (
+            (PREFERRED_DECODERS[JPEG2000Lossless], 1),
+            (THREADED_DECODERS[JPEG2000Lossless], 2),
+        ):
+            if plugin in decoder.available_plugins:
+                with openjpeg_threads(threads):
+                    decoded, _ = decoder.as_array(ds, decoding_plugin=plugin)
+                if np.array_equal(decoded, image):
+                    warmed.append(plugin)
+                else:
+                    log.warning("the %s JPEG 2000 decoder gave a test image back changed", plugin)
+    except Exception as exc:  # a warm-up never stops a decoding process
+        log.warning("the JPEG 2000 decoders did not warm up (%s); the first J2K study pays for it", exc)
+    return warmed
 
 
 @contextmanager

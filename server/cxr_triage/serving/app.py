@@ -237,18 +237,29 @@ def own_predict_route(app: FastAPI, path: str) -> None:
 
 def _follow_serving(app: FastAPI, intake: Intake, replies: Replies) -> None:
     """Run ``intake.follow_serving`` beside LitServe's own lifespan in each HTTP process
-    (LitServe sets a lifespan, so FastAPI start-up handlers would not run); close the
-    process's wait for replies and its decoding processes at its end."""
+    (LitServe sets a lifespan, so FastAPI start-up handlers would not run), and start the
+    process's decoding processes; close its wait for replies and its decoding processes at its
+    end."""
     litserve_lifespan = app.router.lifespan_context
+
+    async def warm() -> None:
+        # Every HTTP process, not only the one /ready reaches: otherwise the first large
+        # upload each other one gets waits ~1 s for its pool to start.
+        try:
+            await intake.warm()
+        except Exception:  # the first upload tries again, and reports what fails
+            log.exception("the decoding processes did not start")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         name_process("http")
         async with litserve_lifespan(app):
             task = asyncio.create_task(intake.follow_serving(), name="follow-serving-json")
+            warming = asyncio.create_task(warm(), name="warm-decoders")
             try:
                 yield
             finally:
+                warming.cancel()
                 task.cancel()
                 await replies.close()
                 intake.close()

@@ -36,6 +36,13 @@ from cxr_triage.serving.reload import ServingWatch, default_version, read_servin
 log = logging.getLogger(__name__)
 
 
+def _start_decoding_process() -> None:
+    """The decoding pool's initializer: the process's role (``start_decoder``), then its
+    JPEG 2000 decoders loaded, so that no study pays for their first use."""
+    start_decoder()
+    imaging.warm_decoders()
+
+
 @dataclass(frozen=True)
 class Accepted:
     """An upload decoded and queued."""
@@ -115,7 +122,7 @@ class Intake:
             self._pool = ProcessPoolExecutor(
                 self.settings.resolved_decode_workers(),
                 mp_context=get_context("spawn"),
-                initializer=start_decoder,
+                initializer=_start_decoding_process,
             )
             self._pool_pid = os.getpid()
         return self._pool
@@ -129,7 +136,8 @@ class Intake:
         self._pool = None
 
     async def warm(self) -> None:
-        """Start every decoding process (spawn + imports take ~1 s) before traffic arrives."""
+        """Start every decoding process (spawn, imports and the J2K decoders' warm-up take
+        ~1 s) before traffic arrives."""
         loop = asyncio.get_running_loop()
         n = self.settings.resolved_decode_workers()
         await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
