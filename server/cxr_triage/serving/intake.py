@@ -135,11 +135,12 @@ class Intake:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
 
-    async def warm(self) -> None:
-        """Start every decoding process (spawn, imports and the J2K decoders' warm-up take
-        ~1 s) before traffic arrives."""
+    async def warm(self, processes: int | None = None) -> None:
+        """Start ``processes`` decoding processes (default: all of them; spawn, imports and the
+        J2K decoders' warm-up take ~1 s) before traffic arrives. The pool starts more when
+        uploads are decoded side by side, up to CXR_DECODE_WORKERS."""
         loop = asyncio.get_running_loop()
-        n = self.settings.resolved_decode_workers()
+        n = min(processes or self.settings.resolved_decode_workers(), self.settings.resolved_decode_workers())
         await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
 
     async def prepare(
