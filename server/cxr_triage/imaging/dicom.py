@@ -193,9 +193,9 @@ def _plugins(ds: Dataset, syntax: str, max_threads: int) -> list[tuple[str, int]
 def warm_decoders() -> list[str]:
     """Load the JPEG 2000 decoders with a tiny image, in a decoding process before its first
     study: each plugin's first decode loads its modules and shared library (in a decoding
-    process here, the first RG1_J2KR took ~110 ms longer without this). Best effort: a plugin that cannot
-    warm up here fails the same way on a study, and says so there. Returns the plugins that
-    gave the tiny image back exactly."""
+    process here, the first RG1_J2KR took ~110 ms longer without this). Best effort: a plugin
+    that cannot warm up here fails the same way on a study, and says so there. Returns the
+    plugins that gave the tiny image back exactly."""
     warmed = []
     try:
         image = (np.arange(32 * 32, dtype=np.uint16) * 4).reshape(32, 32)

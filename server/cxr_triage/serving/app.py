@@ -243,12 +243,10 @@ def _follow_serving(app: FastAPI, intake: Intake, replies: Replies) -> None:
     litserve_lifespan = app.router.lifespan_context
 
     async def warm() -> None:
-        # One decoding process in every HTTP process: otherwise the first large upload each
-        # one gets waits ~1 s for its pool to start. One, not CXR_DECODE_WORKERS: with one
-        # HTTP process per inference worker, a many-core machine would start cores x cores of
-        # them; the pool grows with its load.
+        # In every HTTP process, not only the one /ready reaches: otherwise the first large
+        # upload each one gets waits ~1 s for its pool to start.
         try:
-            await intake.warm(1)
+            await intake.warm()
         except Exception:  # the first upload tries again, and reports what fails
             log.exception("the decoding processes did not start")
 

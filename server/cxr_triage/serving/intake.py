@@ -135,13 +135,12 @@ class Intake:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
 
-    async def warm(self, processes: int | None = None) -> None:
-        """Start ``processes`` decoding processes (default: all of them; spawn, imports and the
-        J2K decoders' warm-up take ~1 s) before traffic arrives. The pool starts more when
-        uploads are decoded side by side, up to CXR_DECODE_WORKERS."""
-        loop = asyncio.get_running_loop()
-        n = min(processes or self.settings.resolved_decode_workers(), self.settings.resolved_decode_workers())
-        await asyncio.gather(*(loop.run_in_executor(self.pool(), imaging.sniff, b"") for _ in range(n)))
+    async def warm(self) -> None:
+        """Have a decoding process answer: the first call starts one (spawn, imports and the J2K
+        decoders' warm-up take ~1 s) before traffic arrives. One, not CXR_DECODE_WORKERS: with
+        one HTTP process per inference worker, a many-core machine would start cores x cores of
+        them. The pool starts more when uploads are decoded side by side."""
+        await asyncio.get_running_loop().run_in_executor(self.pool(), imaging.sniff, b"")
 
     async def prepare(
         self, data: bytes, media_type: str, model: str, max_ready: int | None = None

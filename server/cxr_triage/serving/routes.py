@@ -49,7 +49,7 @@ def build_router(
         problem = workers_problem() or _queue_problem(intake)
         if problem:
             raise NotReady(problem)
-        await intake.warm(1)  # its decoding pool answers (more start with its load)
+        await intake.warm()  # a decoding process answers
         await intake.refresh()
         return {"status": "ready", "models": intake.served, "versions": intake.default_versions()}
 
