@@ -187,7 +187,8 @@ PEERS: dict[str, Peer] = {
             "`cxr-triage serve` with its defaults (bench_core.running_server, fresh embedded Redis): "
             "decode pool (pylibjpeg-openjpeg first for JPEG 2000), durable priority queue (the HTTP "
             "process queues the job in Redis and waits there for its outcome), one single-threaded "
-            "inference worker per core at batch ≤ 2 (niced) plus the urgent lane",
+            "inference worker per core at batch ≤ 2 (niced) plus the urgent lane (stat and urgent "
+            "jobs, and a lone routine job, on every core)",
         ),
     )
 }

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="one more inference worker that only scores jobs due within the urgent class's max "
         "wait (stat and urgent studies, and overdue ones), so they never wait for a routine batch",
     )
+    lane_scores_lone: bool = Field(
+        True,
+        description="the urgent lane also scores a lone routine job (the only one queued while none is "
+        "being scored: a quiet moment) at once, on every core, instead of one routine worker after its "
+        "batch window",
+    )
     lane_preempts: bool = Field(
         True,
         description="on a CPU engine, routine workers stop their engine run while the urgent lane scores "

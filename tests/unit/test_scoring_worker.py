@@ -102,6 +102,46 @@ def test_the_urgent_lane_scores_only_jobs_due_within_the_urgent_wait(
     assert lane.queue.statuses(routine) == ["queued"] * 3
 
 
+def test_the_urgent_lane_scores_a_lone_routine_job_at_once_and_nothing_else_routine(
+    exported_repo: Path, embedded_redis: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet moment: the only job queued, none being scored, goes to the lane (every core, no
+    batch window); two routine jobs, one queued beside a job in a worker, or a lone backfill job
+    stay with the routine workers; CXR_LANE_SCORES_LONE=false keeps the lane to urgent work."""
+    redis.Redis.from_url(embedded_redis).flushall()
+    settings = Settings(model_repo=exported_repo, redis_url=embedded_redis, inference_workers=1)
+    monkeypatch.setenv("LITSERVE_WORKER_ID", "1")
+    lane = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=8))
+    lane.setup("cpu")
+    assert lane.wakes_for("routine") and not lane.wakes_for("backfill")
+    pixels = np.random.default_rng(3).random((64, 64), dtype=np.float32)
+    assert lane.batch_wait() is None
+    lone = submit(lane.queue, pixels, "lone")
+    assert lane.batch_wait() == 0.0
+    assert [job_id for job_id, _ in lane.run_batch()] == [lone]
+
+    first, second = submit(lane.queue, pixels, "a"), submit(lane.queue, pixels, "b")
+    assert lane.batch_wait() is None  # two waiting: the routine workers share them
+    (leased,) = lane.queue.lease(1, "worker-0", 30)  # a routine worker scores one ...
+    assert leased.job_id == first and lane.batch_wait() is None  # ... so the other is not lone
+    lane.queue.complete(leased, {"ok": True}, False, 0.0, "")
+    assert lane.batch_wait() == 0.0 and [j for j, _ in lane.run_batch()] == [second]
+
+    backfill = submit(lane.queue, pixels, "archive", priority="backfill")
+    assert lane.batch_wait() is None and lane.queue.statuses([backfill]) == ["queued"]
+
+    redis.Redis.from_url(embedded_redis).flushall()
+    off = TriageAPI(
+        settings.model_copy(update={"lane_scores_lone": False}),
+        {"densenet121-nih14": "1"},
+        BatchingSpec(max_batch_size=8),
+    )
+    off.setup("cpu")
+    assert off.lone_horizon_s is None and not off.wakes_for("routine")
+    submit(off.queue, pixels, "alone")
+    assert off.batch_wait() is None
+
+
 def test_a_request_gets_its_outcome_from_the_announcement_whichever_worker_scores_it(
     exported_repo: Path, embedded_redis: str
 ) -> None:

@@ -182,7 +182,7 @@ class JobQueue:
         self, n: int, worker: str, lease_s: float, now: float | None = None, horizon_s: float | None = None
     ) -> list[LeasedJob]:
         """Take up to ``n`` jobs, earliest deadline first, leased for ``lease_s`` seconds.
-        ``horizon_s``: only jobs due within that many seconds (the urgent lane; see ``due``)."""
+        ``horizon_s``: only jobs due within that many seconds (the urgent lane; see ``lane_work``)."""
         now = time.time() if now is None else now
         horizon = "" if horizon_s is None else repr(now + horizon_s)
         rows = self._lease(args=[n, now, lease_s, worker, IDLE_WINDOW_S, self.backfill_batch, horizon])
@@ -262,11 +262,27 @@ class JobQueue:
             self.r.zrem(IDLE, worker)
         return ready
 
-    def due(self, horizon_s: float, now: float | None = None) -> int:
-        """Queued jobs due within ``horizon_s`` seconds: with the urgent class's max wait, the
-        stat and urgent jobs, and any routine or backfill job that has nearly used up its own."""
+    def lane_work(
+        self, horizon_s: float, lone_horizon_s: float | None = None, now: float | None = None
+    ) -> tuple[int, float] | None:
+        """What the urgent lane leases now, as (most jobs, horizon for ``lease``): the jobs due
+        within ``horizon_s`` (with the urgent class's max wait: stat and urgent jobs, and any
+        job that has nearly used up its own); else, with ``lone_horizon_s``, a lone job due
+        within that: the only job queued while none is leased (by any worker on this Redis), a
+        study arriving at a quiet moment. None: nothing is the lane's."""
         now = time.time() if now is None else now
-        return int(self.r.zcount(QUEUE, "-inf", now + horizon_s))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcount(QUEUE, "-inf", now + horizon_s)
+        if lone_horizon_s is not None:
+            pipe.zcard(QUEUE)
+            pipe.zcard(LEASES)
+            pipe.zcount(QUEUE, "-inf", now + lone_horizon_s)
+        counts = [int(c) for c in pipe.execute()]
+        if counts[0]:
+            return counts[0], horizon_s
+        if lone_horizon_s is not None and counts[1:] == [1, 0, 1]:
+            return 1, lone_horizon_s
+        return None
 
     def depth_by_priority(self) -> dict[str, int]:
         ids = self.r.zrange(QUEUE, 0, -1)

@@ -82,6 +82,8 @@ class TriageAPI(ls.LitAPI):
         self._heatmaps: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # job id -> (model input, CAMs)
         self._next_reap = 0.0
         self.horizon_s: float | None = None  # set in the urgent lane's worker (_take_role)
+        self.lone_horizon_s: float | None = None  # the lane's, with CXR_LANE_SCORES_LONE
+        self._lane_take: tuple[int, float] | None = None  # what the lane leases next (batch_wait)
         self._engine_clock: Callable[[], float] = time.process_time  # setup picks the thread's clock
 
     @property
@@ -97,13 +99,15 @@ class TriageAPI(ls.LitAPI):
     def _take_role(self) -> None:
         """The last LitServe worker is the urgent lane (when CXR_URGENT_LANE): it leases only
         jobs due within the urgent class's max wait, at once, keeps the default OS priority
-        and runs its engines on every core; the others score everything at ``routine_nice``,
+        and runs its engines on every core (with CXR_LANE_SCORES_LONE it also scores a lone
+        routine job at once, see ``JobQueue.lane_work``); the others score everything at ``routine_nice``,
         so that while they keep the cores busy the lane's stat study, and the HTTP and
         decoding processes, get the cores as soon as they need them. LitServe names the
         worker in LITSERVE_WORKER_ID before ``setup``."""
         s = self.settings
         if s.urgent_lane and litserve_worker_id() == str(s.inference_workers):
             self.horizon_s = s.max_wait_s["urgent"]
+            self.lone_horizon_s = s.max_wait_s["routine"] if s.lane_scores_lone else None
             # Nearly alone on the engines' cores when it runs (the others are niced): all of them.
             cores = s.inference_workers * s.intra_op_threads
             self.settings = s.model_copy(update={"intra_op_threads": cores})
@@ -154,7 +158,8 @@ class TriageAPI(ls.LitAPI):
         if self.drain is not None and self.drain.is_set():
             ready = 0
         elif self.horizon_s is not None:  # the lane: a stat study does not wait for a batch
-            return 0.0 if self.queue.due(self.horizon_s) else None
+            self._lane_take = self.queue.lane_work(self.horizon_s, self.lone_horizon_s)
+            return None if self._lane_take is None else 0.0
         else:
             ready = self.queue.poll(self.worker)
         if ready == 0:
@@ -169,15 +174,19 @@ class TriageAPI(ls.LitAPI):
 
     def wakes_for(self, priority: str) -> bool:
         """Whether a job queued at ``priority`` ('' = re-queued, unknown) is this worker's to
-        look at now: the lane looks at stat and urgent jobs only (others when due, on its own
-        idle looks at Redis)."""
-        return self.horizon_s is None or priority in (*URGENT_CLASSES, "")
+        look at now: the lane looks at stat and urgent jobs, and routine ones when it scores a
+        lone job (others when due, on its own idle looks at Redis)."""
+        lone = self.lone_horizon_s is not None and priority == "routine"
+        return self.horizon_s is None or lone or priority in (*URGENT_CLASSES, "")
 
     def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
         """Lease, score and store one batch; returns the outcomes this worker stored."""
         self._first_ready = None
-        lease_s, horizon = self.settings.lease_s, self.horizon_s
-        jobs = self.queue.lease(self.max_batch_size, self.worker, lease_s, horizon_s=horizon)
+        most, horizon = self.max_batch_size, self.horizon_s
+        if self._lane_take is not None:  # the lane: due jobs, or a lone one
+            (due, horizon), self._lane_take = self._lane_take, None
+            most = min(most, due)
+        jobs = self.queue.lease(most, self.worker, self.settings.lease_s, horizon_s=horizon)
         scored_from = time.time()
         urgent = any(job.fields.get("priority") in URGENT_CLASSES for job in jobs)
         with scoring(self.lane_busy, lane=self.horizon_s is not None, urgent=urgent):
