@@ -127,6 +127,30 @@ def test_voi_lut_sequence_is_used_when_present() -> None:
     assert pixels.max() <= 1.0 and (pixels < 1.0).any()
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("RG1_UNCR.dcm", "u2, window, MONOCHROME1"),
+        ("MR_small.dcm", "i2, window"),
+        ("693_UNCR.dcm", "i2, window, rescale"),
+        ("MR2_UNCR.dcm", "u2, window, rescale slope 3.77"),
+        ("vlut_04.dcm", "u1, VOI LUT sequence"),
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", "u1, window"),
+    ],
+)
+def test_the_per_value_lookup_gives_exactly_the_per_pixel_pipeline(name: str, kind: str) -> None:
+    """_to_display runs the grayscale pipeline once per storable value and looks pixels up: the
+    floats must be those of running it on every pixel (_displayed), bit for bit."""
+    ds = pydicom.dcmread(dicom_path(name))
+    stored = dicom._clear_spare_bits(ds.pixel_array, ds)
+    assert stored.dtype.str[1:] == kind[:2], "the case this file stands for"
+    looked_up, computed = dicom._to_display(stored, ds), dicom._displayed(stored, ds)
+    assert looked_up.dtype == computed.dtype == np.float32
+    assert np.array_equal(looked_up, computed) and len(np.unique(looked_up)) > 16
+    swapped = stored.astype(stored.dtype.newbyteorder(">" if stored.dtype.byteorder != ">" else "<"))
+    assert np.array_equal(dicom._to_display(swapped, ds), computed), "byte order does not matter"
+
+
 def test_non_projection_modality_and_lateral_view_warn_but_score() -> None:
     ct = decode(dicom_bytes("CT_small.dcm"), "application/dicom", LIMITS)
     assert any("modality CT" in w for w in ct.warnings)
