@@ -100,10 +100,10 @@ class TriageAPI(ls.LitAPI):
         """The last LitServe worker is the urgent lane (when CXR_URGENT_LANE): it leases only
         jobs due within the urgent class's max wait, at once, keeps the default OS priority
         and runs its engines on every core (with CXR_LANE_SCORES_LONE it also scores a lone
-        routine job at once, see ``JobQueue.lane_work``); the others score everything at ``routine_nice``,
-        so that while they keep the cores busy the lane's stat study, and the HTTP and
-        decoding processes, get the cores as soon as they need them. LitServe names the
-        worker in LITSERVE_WORKER_ID before ``setup``."""
+        routine job, see ``JobQueue.lane_work``); the others score everything at
+        ``routine_nice``, so that while they keep the cores busy the lane's stat study, and the
+        HTTP and decoding processes, get the cores as soon as they need them. LitServe names
+        the worker in LITSERVE_WORKER_ID before ``setup``."""
         s = self.settings
         if s.urgent_lane and litserve_worker_id() == str(s.inference_workers):
             self.horizon_s = s.max_wait_s["urgent"]
