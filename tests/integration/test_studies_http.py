@@ -2,11 +2,14 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -139,23 +142,41 @@ def test_inference_worker_killed_mid_batch_loses_nothing(exported_repo: Path, tm
         with running_server(exported_repo, env) as url:
             r = redis.Redis.from_url(redis_url)
             uids = [f"1.2.826.0.1.88.{i}" for i in range(40)]
-            for uid in uids:
-                assert submit(url, png_bytes(chest_u8(64)), "image/png", study_uid=uid).status_code == 202
-            victim = None
-            for _ in range(5000):
-                leased = r.zrange("cxr:leases", 0, 0)
-                if leased:
-                    victim = int(r.hget(b"cxr:job:" + leased[0], "worker").split(b"/")[-1])
-                    break
-                time.sleep(0.001)
-            assert victim is not None, "no batch was ever leased"
-            os.kill(victim, 9)
+            body = png_bytes(chest_u8(64))
+            # Sent 8 at a time, so that batches form (a study arriving alone goes to the urgent
+            # lane at once) while the first worker caught holding a lease, lane or not, is killed.
+            with ThreadPoolExecutor(8) as senders:
+                sent = [senders.submit(submit, url, body, "image/png", study_uid=uid) for uid in uids]
+                victim = kill_mid_batch(r)
+                assert all(f.result().status_code == 202 for f in sent)
+            assert victim is not None, "no worker was ever caught holding a lease"
             done = [wait_done(url, uid, timeout=90) for uid in uids]
             assert all(s["status"] == "done" and len(s["instances"]) == 1 for s in done)
             # The kill landed while the batch was in flight: its jobs came back through the lease.
             assert int(r.hget("cxr:stats", "redelivered") or 0) >= 1
             assert httpx.get(f"{url}/ready", timeout=30).status_code in (200, 503)
             assert post_ok(url)
+
+
+def kill_mid_batch(r: Any) -> int | None:
+    """SIGKILL an inference worker while it holds a lease: each holder seen is stopped first
+    (SIGSTOP), and killed only if its job is still running then (else it goes on). Returns its
+    pid; None if no worker was caught in 5 s."""
+    until = time.monotonic() + 5.0
+    while time.monotonic() < until:
+        for job in r.zrange("cxr:leases", 0, -1):
+            worker = r.hget(b"cxr:job:" + job, "worker")
+            if worker is None:
+                continue
+            pid = int(worker.removesuffix(b"/urgent").rsplit(b"/", 1)[-1])
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.02)  # a COMPLETE already on its way to Redis lands first
+            if r.hmget(b"cxr:job:" + job, "status", "worker") == [b"running", worker]:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001)
+    return None
 
 
 def post_ok(url: str) -> bool:
