@@ -19,7 +19,7 @@ MODEL = "densenet121-nih14"
 
 
 def intake(repo: Path, **settings: int) -> Intake:
-    s = Settings(model_repo=repo, decode_workers=1, **settings)  # type: ignore[arg-type]
+    s = Settings(model_repo=repo, **{"decode_workers": 1, **settings})  # type: ignore[arg-type]
     queue = JobQueue(redis.Redis(), s.max_wait_s)  # never called: prepare does not queue
     return Intake(s, ModelRepository.load(repo), [MODEL], queue)
 
@@ -69,3 +69,17 @@ def test_a_decoding_process_reuses_its_image_buffers(exported_repo: Path) -> Non
         for _ in range(5):
             asyncio.run(pooled.prepare(full, "image/jpeg", MODEL))
         assert (_page_faults(pid) - before) / 5 < 100
+
+
+def test_warm_calls_at_the_same_time_start_one_decoding_process(exported_repo: Path) -> None:
+    """The start-up warm-up and a /ready probe arriving together share one call: two tasks
+    submitted to a pool still starting would start two processes."""
+    one = intake(exported_repo, decode_workers=4)
+
+    async def together() -> None:
+        await asyncio.gather(one.warm(), one.warm(), one.warm())
+        await one.warm()  # later: a new call, answered by the running process
+
+    with pools_shut(one):
+        asyncio.run(together())
+        assert one._pool is not None and len(one._pool._processes) == 1

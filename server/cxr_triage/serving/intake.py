@@ -75,6 +75,7 @@ class Intake:
         )
         self._pool: ProcessPoolExecutor | None = None
         self._pool_pid: int | None = None
+        self._answer: asyncio.Future[object] | None = None  # warm()'s call in flight
         # seen=False: the first poll re-reads, covering a promotion since ``repository`` was read.
         self._watch = ServingWatch(settings.model_repo, served, settings.reload_poll_s, seen=False)
 
@@ -139,8 +140,13 @@ class Intake:
         """Have a decoding process answer: the first call starts one (spawn, imports and the J2K
         decoders' warm-up take ~1 s) before traffic arrives. One, not CXR_DECODE_WORKERS: with
         one HTTP process per inference worker, a many-core machine would start cores x cores of
-        them. The pool starts more when uploads are decoded side by side."""
-        await asyncio.get_running_loop().run_in_executor(self.pool(), imaging.sniff, b"")
+        them. The pool starts more when uploads are decoded side by side. Callers at the same
+        time (the start-up warm-up and a /ready probe) share one call: two tasks on a pool
+        still starting would start a second process."""
+        pool = self.pool()
+        if self._answer is None or self._answer.done():
+            self._answer = asyncio.get_running_loop().run_in_executor(pool, imaging.sniff, b"")
+        await asyncio.shield(self._answer)  # a caller cancelled (shutdown) leaves the others' wait
 
     async def prepare(
         self, data: bytes, media_type: str, model: str, max_ready: int | None = None
