@@ -14,7 +14,7 @@ import redis
 
 from cxr_triage.errors import Overloaded
 from cxr_triage.imaging import ModelInput
-from cxr_triage.queue import JobQueue, NewJob, scripts
+from cxr_triage.queue import Completion, JobQueue, NewJob, scripts
 from cxr_triage.queue.studies import StudyStore
 from cxr_triage.triage import abnormality_score, findings_out, score_findings, triage_class
 from cxr_triage.triage.worklist import UNSCORED_PLACE, place_of, place_reason
@@ -163,6 +163,68 @@ def test_an_overdue_routine_job_leads_its_batch_and_takes_stat_jobs_along(q: Job
     assert [j.job_id for j in q.lease(8, "w/1", lease_s=30)] == [overdue, stat]
 
 
+def test_a_job_is_announced_lone_only_alone_in_the_queue_while_none_is_leased(q: JobQueue) -> None:
+    """The urgent lane wakes for a routine job only when it is announced lone: the only job
+    queued while no worker holds one (a quiet moment); under load no announcement is."""
+    events, lane = q.events(), q.events(urgent_only=True)
+    assert events.next(0.2) is None and lane.next(0.2) is None  # subscribed
+    q.submit(job("routine"))
+    q.lease(1, "w", 30)  # a worker scores it ...
+    q.submit(job("routine"))  # ... so the next one is not alone
+    q.submit(job("routine"))
+    q.submit(job("urgent"))
+    got, lanes = [], []
+    while (event := events.next(0.2)) is not None:
+        got.append((event.arg, event.lone))
+    while (event := lane.next(0.2)) is not None:
+        lanes.append((event.arg, event.lone))
+    assert got == [("routine", True), ("routine", False), ("routine", False), ("urgent", False)]
+    assert lanes == [("routine", True), ("urgent", False)]  # the lane hears no routine stream
+
+
+def test_an_outcome_is_announced_on_the_channels_of_the_processes_waiting_for_it(q: JobQueue) -> None:
+    """A synchronous job's outcome goes to the reply channel of the HTTP process that queued it,
+    and to that of a process that sent the same instance again; a job naming none goes to
+    cxr:done, and keeps going there once a duplicate adds a channel."""
+    subs = {}
+    for name in (b"cxr:done", b"cxr:done:a", b"cxr:done:b", b"cxr:done:c"):
+        subs[name] = q.r.pubsub(ignore_subscribe_messages=True)
+        subs[name].subscribe(name)
+        while subs[name].get_message(timeout=0.05) is not None:
+            pass
+    first = q.submit(job(instance="1.2.1"), reply_to="cxr:done:a").job_id
+    again = q.submit(job(instance="1.2.1"), reply_to="cxr:done:b")
+    assert again.duplicate and again.job_id == first
+    q.submit(job(instance="1.2.1"), reply_to="cxr:done:b")  # a channel is added once
+    plain = q.submit(job(instance="1.2.2")).job_id  # e.g. queued by an older version
+    q.submit(job(instance="1.2.2"), reply_to="cxr:done:c")
+    score(q, [0.2, 0.1, 0.1], n=2)
+    heard: dict[bytes, list[str]] = {name: [] for name in subs}
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for name, sub in subs.items():
+            while (message := sub.get_message(timeout=0.01)) is not None:
+                heard[name].append(message["data"].split(b"\n", 1)[0].decode())
+    assert heard == {
+        b"cxr:done": [plain],
+        b"cxr:done:a": [first],
+        b"cxr:done:b": [first],
+        b"cxr:done:c": [plain],
+    }
+
+
+def test_a_batch_is_completed_in_one_step_and_a_stale_lease_in_it_loses_alone(q: JobQueue) -> None:
+    a, b = q.submit(job()).job_id, q.submit(job()).job_id
+    stale, fresh = q.lease(2, "w", 30, now=1000.0)  # both leases expire at 1030 ...
+    assert q.reap(3, UNSCORED_PLACE, "lost", now=2000.0) == (2, 0)
+    again = {j.job_id: j for j in q.lease(2, "w2", 30)}  # ... and go to another worker
+    out = result([0.9, 0.1, 0.1])
+    done = [Completion(stale, out, False, 1.0, "x"), Completion(again[fresh.job_id], out, False, 1.0, "x")]
+    assert q.complete_all(done) == [False, True]
+    assert q.statuses([a, b]) == (["running", "done"] if stale.job_id == a else ["done", "running"])
+    assert q.complete_all([]) == []
+
+
 def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None:
     """Queued and re-queued jobs on cxr:events (for the workers), finished ones on cxr:done (for
     the requests waiting for them), in order."""
@@ -179,8 +241,9 @@ def test_queued_requeued_done_and_failed_jobs_are_announced(q: JobQueue) -> None
     assert q.reap(2, UNSCORED_PLACE, "lost", now=3000.0) == (0, 1)
     got = []
     while (event := events.next(0.2)) is not None:
-        got.append((event.kind, event.arg))
-    assert got == [("new", "stat"), ("new", "routine"), ("new", "")]
+        got.append((event.kind, event.arg, event.lone))
+    # the stat job arrived alone ("lone": the urgent lane's), the routine one beside it
+    assert got == [("new", "stat", True), ("new", "routine", False), ("new", "", False)]
     finished, deadline = [], time.monotonic() + 5
     while len(finished) < 2 and time.monotonic() < deadline:
         if (message := done.get_message(timeout=0.2)) is not None:

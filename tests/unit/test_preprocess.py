@@ -1,4 +1,5 @@
 import numpy as np
+from PIL import Image
 
 from cxr_triage.imaging import resize_for_model, to_batch
 from cxr_triage.repository.models import InputSpec
@@ -28,3 +29,20 @@ def test_to_batch_normalises_each_channel() -> None:
     batch = to_batch([np.full((16, 16), 0.5, dtype=np.float32)] * 2, spec)
     assert batch.shape == (2, 3, 16, 16) and batch.dtype == np.float32
     np.testing.assert_allclose(batch[0, :, 0, 0], [0.0, 0.4, 2.0], atol=1e-6)
+
+
+def test_an_image_already_at_the_model_size_is_not_resampled_and_gives_the_same_floats() -> None:
+    """The short cut for an upload already at the model's size (no Pillow round trip) gives what
+    Pillow's resize to the same size gives (a copy), bit for bit, padded as before."""
+    rng = np.random.default_rng(0)
+    for shape, resize in (((64, 64), "squash"), ((64, 64), "letterbox"), ((64, 40), "letterbox")):
+        pixels = rng.random(shape, dtype=np.float32)
+        spec = InputSpec(size=64, resize=resize)
+        out = resize_for_model(pixels, spec)
+        rows, cols = shape
+        same = np.asarray(Image.fromarray(pixels, mode="F").resize((cols, rows), Image.Resampling.BILINEAR))
+        want = np.zeros((64, 64), dtype=np.float32)
+        left = (64 - cols) // 2
+        want[:, left : left + cols] = same
+        assert out.shape == (64, 64) and out.dtype == np.float32
+        assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (shape, resize)

@@ -113,7 +113,8 @@ def test_the_urgent_lane_scores_a_lone_routine_job_at_once_and_nothing_else_rout
     monkeypatch.setenv("LITSERVE_WORKER_ID", "1")
     lane = TriageAPI(settings, {"densenet121-nih14": "1"}, BatchingSpec(max_batch_size=8))
     lane.setup("cpu")
-    assert lane.wakes_for("routine") and not lane.wakes_for("backfill")
+    assert lane.wakes_for("routine", lone=True) and not lane.wakes_for("backfill", lone=True)
+    assert not lane.wakes_for("routine")  # a routine job announced beside others: not the lane's
     pixels = np.random.default_rng(3).random((64, 64), dtype=np.float32)
     assert lane.batch_wait() is None
     lone = submit(lane.queue, pixels, "lone")
@@ -137,7 +138,7 @@ def test_the_urgent_lane_scores_a_lone_routine_job_at_once_and_nothing_else_rout
         BatchingSpec(max_batch_size=8),
     )
     off.setup("cpu")
-    assert off.lone_horizon_s is None and not off.wakes_for("routine")
+    assert off.lone_horizon_s is None and not off.wakes_for("routine", lone=True)
     submit(off.queue, pixels, "alone")
     assert off.batch_wait() is None
 

@@ -15,13 +15,19 @@ def resize_for_model(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     matters for 2-3k pixel radiographs going to 224. Returns float32 (size, size) in 0-1.
     """
     size = spec.size
-    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-    if spec.resize == "squash":
-        return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
     rows, cols = pixels.shape
-    scale = size / max(rows, cols)
-    new_w, new_h = max(1, round(cols * scale)), max(1, round(rows * scale))
-    small = np.asarray(img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    if spec.resize == "squash":
+        new_w = new_h = size
+    else:
+        scale = size / max(rows, cols)
+        new_w, new_h = max(1, round(cols * scale)), max(1, round(rows * scale))
+    if (new_h, new_w) == (rows, cols):  # already that size: Pillow would return a copy
+        small = np.asarray(pixels, dtype=np.float32)
+    else:
+        img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+        small = np.asarray(img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    if (new_h, new_w) == (size, size):
+        return small
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = small

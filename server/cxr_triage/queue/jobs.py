@@ -29,7 +29,7 @@ from cxr_triage.imaging import ModelInput
 from cxr_triage.queue import payload, scripts
 from cxr_triage.schemas import PRIORITIES, Priority
 
-QUEUE, LEASES, STATS, IDLE = b"cxr:queue", b"cxr:leases", b"cxr:stats", b"cxr:idle"
+QUEUE, LEASES, STATS = b"cxr:queue", b"cxr:leases", b"cxr:stats"
 IDLE_WINDOW_S = 1.0  # a worker that polled an empty queue this recently counts as idle
 
 
@@ -67,6 +67,17 @@ class LeasedJob:
         return self.fields["model"]
 
 
+@dataclass(frozen=True)
+class Completion:
+    """A leased job's outcome, for ``JobQueue.complete_all``."""
+
+    job: LeasedJob
+    outcome: Mapping[str, Any]
+    failed: bool
+    place: float  # the study's worklist place this outcome raises it to
+    reason: str
+
+
 def _text(fields: Mapping[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode(errors="replace") for k, v in fields.items() if k != b"payload"}
 
@@ -87,10 +98,11 @@ def job_key(job_id: str) -> str:
 @dataclass(frozen=True)
 class Event:
     """One announcement on the events channel: ``new`` (arg: the priority, '' for re-queued
-    jobs)."""
+    jobs; ``lone``: it was the only job queued while none was leased)."""
 
     kind: str
     arg: str
+    lone: bool = False
 
 
 class JobEvents:
@@ -100,25 +112,30 @@ class JobEvents:
     lost: callers keep a slow look at Redis for that).
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, channels: Sequence[bytes]) -> None:
         self._client = client
+        self._channels = list(channels)
         self._pubsub: PubSub | None = None
 
     def next(self, timeout: float) -> Event | None:
         """The next announcement, waiting up to ``timeout`` seconds; None when none came."""
         if self._pubsub is None:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(scripts.EVENTS)
+            pubsub = self._client.pubsub()
+            pubsub.subscribe(*self._channels)
             self._pubsub = pubsub
+        deadline = time.monotonic() + timeout
         try:
-            message = self._pubsub.get_message(timeout=timeout)
+            while True:  # past the subscriptions' confirmations (one per channel)
+                message = self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if message is None:
+                    return None
+                if message.get("type") == "message":
+                    break
         except redis.RedisError:
             self.close()
             raise
-        if message is None or message.get("type") != "message":
-            return None
-        kind, _, arg = bytes(message["data"]).decode().partition(" ")
-        return Event(kind, arg)
+        kind, arg, *flags = [*bytes(message["data"]).decode().split(" "), ""]
+        return Event(kind, arg, lone="lone" in flags)
 
     def close(self) -> None:
         if self._pubsub is not None:
@@ -138,6 +155,7 @@ class JobQueue:
         self._complete = client.register_script(scripts.COMPLETE)
         self._reap = client.register_script(scripts.REAP)
         self._release = client.register_script(scripts.RELEASE)
+        self._poll = client.register_script(scripts.POLL)
 
     def submit(
         self,
@@ -145,9 +163,12 @@ class JobQueue:
         now: float | None = None,
         trace: Mapping[str, str] | None = None,
         max_ready: int | None = None,
+        reply_to: str = "",
     ) -> SubmitResult:
         """Queue a job (atomically with its study and worklist entry). A repeated instance UID
-        for the same model returns the first job instead.
+        for the same model returns the first job instead. ``reply_to``: the channel on which the
+        job's outcome is announced, for the HTTP process whose request waits for it
+        (``serving.replies``; '' = the shared ``cxr:done``).
 
         Raises:
             Overloaded: ``max_ready`` jobs or more are ready already (None: no bound).
@@ -166,7 +187,7 @@ class JobQueue:
         }
         argv: list[Any] = [job_id, deadline, now, payload.dumps(job.input), instance_key, job.study_uid]
         argv += ["1" if job.track else "0", PRIORITIES.index(job.priority), job.header]
-        argv += ["" if max_ready is None else max_ready] + [x for kv in fields.items() for x in kv]
+        argv += ["" if max_ready is None else max_ready, reply_to] + [x for kv in fields.items() for x in kv]
         created, existing = self._submit(args=argv)
         if created < 0:
             raise overloaded(max_ready)
@@ -196,9 +217,18 @@ class JobQueue:
         self, job: LeasedJob, outcome: Mapping[str, Any], failed: bool, place: float, reason: str
     ) -> bool:
         """Store a job's outcome and raise its study's worklist place. False: the lease was stale."""
-        status = "failed" if failed else "done"
-        args = [job.job_id, job.token, status, json.dumps(outcome), time.time(), place, reason]
-        return bool(self._complete(args=args))
+        return self.complete_all([Completion(job, outcome, failed, place, reason)])[0]
+
+    def complete_all(self, done: Sequence["Completion"]) -> list[bool]:
+        """``complete`` for a batch's jobs in one step (one round trip); per job, False: stale."""
+        if not done:
+            return []
+        now = time.time()
+        args: list[Any] = []
+        for c in done:
+            status = "failed" if c.failed else "done"
+            args += [c.job.job_id, c.job.token, status, json.dumps(c.outcome), now, c.place, c.reason]
+        return [bool(x) for x in self._complete(args=args)]
 
     def reap(self, max_attempts: int, place: float, reason: str, now: float | None = None) -> tuple[int, int]:
         """Re-queue expired leases; fail jobs that used up ``max_attempts``. Returns (requeued, failed)."""
@@ -245,22 +275,18 @@ class JobQueue:
         with np.load(io.BytesIO(blob)) as data:
             return data["image"], data["cam"].astype(np.float32) if "cam" in data.files else None
 
-    def events(self) -> JobEvents:
-        """A new subscription to the queue's announcements (one per thread that reads them)."""
-        return JobEvents(self.r)
+    def events(self, urgent_only: bool = False) -> JobEvents:
+        """A new subscription to the queue's announcements (one per thread that reads them);
+        ``urgent_only``: those of stat, urgent and lone jobs and re-queued ones (the urgent lane)."""
+        channels = [scripts.URGENT_EVENTS] if urgent_only else [scripts.EVENTS, scripts.URGENT_EVENTS]
+        return JobEvents(self.r, channels)
 
     def ready(self) -> int:
         return int(self.r.zcard(QUEUE))
 
     def poll(self, worker: str, now: float | None = None) -> int:
         """Jobs ready; when none, ``worker`` is marked idle (it then gets a share of the next ones)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zcard(QUEUE)
-        pipe.zadd(IDLE, {worker: time.time() if now is None else now})
-        ready = int(pipe.execute()[0])
-        if ready:  # not idle after all: a worker with work in sight does not take a share
-            self.r.zrem(IDLE, worker)
-        return ready
+        return int(self._poll(args=[worker, time.time() if now is None else now]))
 
     def lane_work(
         self, horizon_s: float, lone_horizon_s: float | None = None, now: float | None = None

@@ -3,15 +3,20 @@
 Key names are built inside the scripts from the ``cxr:`` prefix, which is right for one Redis
 (embedded or standalone); a Redis Cluster would need hash tags.
 
-The scripts announce changes for the processes that act on them at once instead of polling:
-``new <priority>`` on ``cxr:events`` (EVENTS) when a job is queued (``new`` alone when jobs go
-back to the queue), for the inference workers; on ``cxr:done`` (DONE), when a job is done or
-failed, its id and, for a synchronous job, its status and outcome, for the HTTP processes whose
-requests wait for it (``serving.replies``). Pub/sub is fire and forget: both still look at Redis
-now and then, so a lost announcement only costs time.
+The scripts announce changes for the processes that act on them at once instead of polling.
+``new <priority>`` when a job is queued (``new <priority> lone`` when it is the only job queued
+and none is leased; ``new`` alone when jobs go back to the queue), for the inference workers: on
+``cxr:events:urgent`` (URGENT_EVENTS) for a stat or urgent job, a lone one and jobs back in the
+queue, the urgent lane's work, and on ``cxr:events`` (EVENTS) for the rest, which only the
+routine workers follow (so the lane sleeps through a stream of routine jobs). When a job is done
+or failed, its id and, for a synchronous job, its status and outcome, for the HTTP processes
+whose requests wait for it (``serving.replies``): on the channel each such process named when it
+queued the job (its ``reply_to``), else on ``cxr:done`` (DONE). Pub/sub is fire and forget: both
+still look at Redis now and then, so a lost announcement only costs time.
 """
 
 EVENTS = b"cxr:events"
+URGENT_EVENTS = b"cxr:events:urgent"
 DONE = b"cxr:done"
 
 # Lua helpers the scripts below start with. raise_place moves a study's worklist place up
@@ -43,13 +48,21 @@ end
 
 -- A job that is done or failed: whoever waits for it answers now. A synchronous job's
 -- announcement carries its outcome ("<id>\\n<status>\\n<outcome json>"), so that the request
--- waiting for it needs no look-up; a tracked study's job (no request waits for it) announces
--- its id alone.
+-- waiting for it needs no look-up, and goes to the channels of the HTTP processes whose
+-- requests wait for it (reply_to), or to cxr:done when it names none; a tracked study's job
+-- (no request waits for it) announces its id alone, on cxr:done.
 local function announce_done(job_key, job_id, status, outcome)
   if redis.call('HGET', job_key, 'track') == '1' then
     redis.call('PUBLISH', 'cxr:done', job_id)
-  else
-    redis.call('PUBLISH', 'cxr:done', job_id .. '\\n' .. status .. '\\n' .. outcome)
+    return
+  end
+  local message = job_id .. '\\n' .. status .. '\\n' .. outcome
+  local reply_to = redis.call('HGET', job_key, 'reply_to') or ''
+  if reply_to == '' then
+    redis.call('PUBLISH', 'cxr:done', message)
+  end
+  for channel in string.gmatch(reply_to, '%S+') do
+    redis.call('PUBLISH', channel, message)
   end
 end
 
@@ -66,7 +79,9 @@ end
 
 # KEYS: none. ARGV: job_id, deadline, now, payload, instance_key ('' = no dedup), study_uid
 # ('' = none), track (1 = on the worklist), priority_rank, DICOM header ('' = none), most jobs
-# ready ('' = no bound), then job hash field/value pairs.
+# ready ('' = no bound), the reply channel of the HTTP process whose request waits for the job
+# ('' = none: cxr:done), then job hash field/value pairs. A duplicate's reply channel is added
+# to the first job's, so that its request, too, is answered when that job is done.
 # Returns {1, job_id} when queued, {0, existing_job_id} for a duplicate instance, {-1, ''} when
 # the queue already holds the most jobs ready (checked and queued in one step: no burst of
 # requests gets past the bound together).
@@ -78,19 +93,28 @@ if instance_key ~= '' then
   local existing = redis.call('GET', instance_key)
   -- a failed job does not block a new try of the same instance
   if existing and redis.call('HGET', 'cxr:job:' .. existing, 'status') ~= 'failed' then
+    local reply_to = redis.call('HGET', 'cxr:job:' .. existing, 'reply_to') or ''
+    if reply_to == '' then reply_to = 'cxr:done' end  -- whoever waits there still hears it
+    if ARGV[11] ~= '' and not string.find(' ' .. reply_to .. ' ', ' ' .. ARGV[11] .. ' ', 1, true) then
+      redis.call('HSET', 'cxr:job:' .. existing, 'reply_to', reply_to .. ' ' .. ARGV[11])
+    end
     return {0, existing}
   end
   redis.call('SET', instance_key, id)
 end
 local fields = {}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 12, #ARGV do fields[#fields + 1] = ARGV[i] end
 local jk = 'cxr:job:' .. id
 redis.call('HSET', jk, 'status', 'queued', 'attempts', 0, 'deadline', deadline, 'enqueued_at', now,
-           'study_uid', study, 'track', track, unpack(fields))
+           'study_uid', study, 'track', track, 'reply_to', ARGV[11], unpack(fields))
 redis.call('SET', 'cxr:payload:' .. id, payload)
 if header ~= '' then redis.call('SET', 'cxr:header:' .. id, header) end
 redis.call('ZADD', 'cxr:queue', deadline, id)
-redis.call('PUBLISH', 'cxr:events', 'new ' .. redis.call('HGET', jk, 'priority'))
+-- 'lone': the only job queued while none is leased (a quiet moment: the urgent lane's to score)
+local priority = redis.call('HGET', jk, 'priority')
+local lone = redis.call('ZCARD', 'cxr:queue') == 1 and redis.call('ZCARD', 'cxr:leases') == 0
+local channel = (lone or priority == 'stat' or priority == 'urgent') and 'cxr:events:urgent' or 'cxr:events'
+redis.call('PUBLISH', channel, 'new ' .. priority .. (lone and ' lone' or ''))
 if study ~= '' and track == '1' then
   local sk = 'cxr:study:' .. study
   redis.call('SADD', sk .. ':jobs', id)
@@ -154,26 +178,44 @@ end
 return out
 """
 
-# ARGV: job_id, token, status (done|failed), outcome json, now, place, reason.
-# Returns 1 when stored, 0 when the lease was stale (the job was re-delivered or finished).
+# ARGV: worker, now. The number of jobs ready; a worker that finds none is marked idle (it then
+# gets a share of the next ones, see LEASE), one that finds some is not.
+POLL = """
+local ready = redis.call('ZCARD', 'cxr:queue')
+if ready == 0 then
+  redis.call('ZADD', 'cxr:idle', ARGV[2], ARGV[1])
+else
+  redis.call('ZREM', 'cxr:idle', ARGV[1])
+end
+return ready
+"""
+
+# ARGV: for each job of a batch, 7 values: job_id, token, status (done|failed), outcome json,
+# now, place, reason. Returns per job 1 when stored, 0 when the lease was stale (the job was
+# re-delivered or finished).
 COMPLETE = (
     _HELPERS
     + """
-local id, token = ARGV[1], ARGV[2]
-local jk = 'cxr:job:' .. id
-if redis.call('HGET', jk, 'status') ~= 'running' or redis.call('HGET', jk, 'attempts') ~= token then
-  return 0
+local stored = {}
+for i = 1, #ARGV, 7 do
+  local id, token, status, outcome, now, place, reason = unpack(ARGV, i, i + 6)
+  local jk = 'cxr:job:' .. id
+  if redis.call('HGET', jk, 'status') ~= 'running' or redis.call('HGET', jk, 'attempts') ~= token then
+    stored[#stored + 1] = 0
+  else
+    redis.call('HSET', jk, 'status', status, 'outcome', outcome, 'finished_at', now)
+    redis.call('ZREM', 'cxr:leases', id)
+    redis.call('DEL', 'cxr:payload:' .. id)
+    if redis.call('HGET', jk, 'track') ~= '1' then
+      redis.call('EXPIRE', jk, 3600)  -- a synchronous job is answered; keep it an hour for late pollers
+    end
+    raise_place(jk, id, place, reason)
+    study_finished(jk)
+    announce_done(jk, id, status, outcome)
+    stored[#stored + 1] = 1
+  end
 end
-redis.call('HSET', jk, 'status', ARGV[3], 'outcome', ARGV[4], 'finished_at', ARGV[5])
-redis.call('ZREM', 'cxr:leases', id)
-redis.call('DEL', 'cxr:payload:' .. id)
-if redis.call('HGET', jk, 'track') ~= '1' then
-  redis.call('EXPIRE', jk, 3600)  -- a synchronous job is answered; keep it an hour for late pollers
-end
-raise_place(jk, id, ARGV[6], ARGV[7])
-study_finished(jk)
-announce_done(jk, id, ARGV[3], ARGV[4])
-return 1
+return stored
 """
 )
 
@@ -204,7 +246,7 @@ for _, id in ipairs(ids) do
 end
 if requeued > 0 then
   redis.call('HINCRBY', 'cxr:stats', 'redelivered', requeued)
-  redis.call('PUBLISH', 'cxr:events', 'new')
+  redis.call('PUBLISH', 'cxr:events:urgent', 'new')
 end
 return {requeued, failed}
 """
@@ -232,7 +274,7 @@ for _, id in ipairs(redis.call('ZRANGE', 'cxr:leases', 0, -1)) do
 end
 if released > 0 then
   redis.call('HINCRBY', 'cxr:stats', 'released', released)
-  redis.call('PUBLISH', 'cxr:events', 'new')
+  redis.call('PUBLISH', 'cxr:events:urgent', 'new')
 end
 return released
 """

@@ -28,7 +28,7 @@ from cxr_triage.errors import CxrError, NotReady
 from cxr_triage.imaging import to_batch
 from cxr_triage.observability import metrics, tracing
 from cxr_triage.observability.logging import configure as configure_logging
-from cxr_triage.queue import JobQueue, LeasedJob, RedisHandle
+from cxr_triage.queue import Completion, JobQueue, LeasedJob, RedisHandle
 from cxr_triage.queue.findings import FindingStore
 from cxr_triage.repository import BatchingSpec, ModelRepository
 from cxr_triage.serving.lifecycle import die_with_parent, name_process, worker_name
@@ -172,12 +172,13 @@ class TriageAPI(ls.LitAPI):
             return 0.0
         return max(0.0, self._first_ready + self.batch_timeout - now)
 
-    def wakes_for(self, priority: str) -> bool:
+    def wakes_for(self, priority: str, lone: bool = False) -> bool:
         """Whether a job queued at ``priority`` ('' = re-queued, unknown) is this worker's to
-        look at now: the lane looks at stat and urgent jobs, and routine ones when it scores a
-        lone job (others when due, on its own idle looks at Redis)."""
-        lone = self.lone_horizon_s is not None and priority == "routine"
-        return self.horizon_s is None or lone or priority in (*URGENT_CLASSES, "")
+        look at now: the lane looks at stat and urgent jobs, and at a routine one announced
+        ``lone`` when it scores lone jobs (others when due, on its own idle looks at Redis).
+        Under load no job arrives lone, so the lane sleeps through the routine stream."""
+        lone_job = lone and self.lone_horizon_s is not None and priority == "routine"
+        return self.horizon_s is None or lone_job or priority in (*URGENT_CLASSES, "")
 
     def run_batch(self) -> list[tuple[str, dict[str, Any]]]:
         """Lease, score and store one batch; returns the outcomes this worker stored."""
@@ -192,22 +193,25 @@ class TriageAPI(ls.LitAPI):
         with scoring(self.lane_busy, lane=self.horizon_s is not None, urgent=urgent):
             outcomes = self.score_batch(jobs)
         scored_to = time.time()
-        stored = []
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            parent = tracing.context_of(job.fields)
-            leased = float(job.fields.get("leased_at", scored_from))
-            enqueued = float(job.fields.get("enqueued_at", leased))
-            priority = job.fields.get("priority", "")
+        done = [self._completion(job, outcome) for job, outcome in zip(jobs, outcomes, strict=True)]
+        stored = self.queue.complete_all(done)  # the whole batch in one step
+        stored_at = time.time()
+        for c, ok in zip(done, stored, strict=True):
+            parent = tracing.context_of(c.job.fields)
+            leased = float(c.job.fields.get("leased_at", scored_from))
+            enqueued = float(c.job.fields.get("enqueued_at", leased))
+            priority = c.job.fields.get("priority", "")
             tracing.record_span("queue wait", parent, enqueued, leased, priority=priority)
-            tracing.record_span("inference", parent, scored_from, scored_to, model=job.model, batch=len(jobs))
-            with tracing.span("postprocess", parent):
-                body = self._store(job, outcome)
-            if body is not None:
-                stored.append((job.job_id, body))
-        return stored
+            model, batch = c.job.model, len(jobs)
+            tracing.record_span("inference", parent, scored_from, scored_to, model=model, batch=batch)
+            tracing.record_span("postprocess", parent, scored_to, stored_at, stored=ok)
+            if ok:
+                metrics.JOBS_SCORED.labels(c.job.model, "failed" if c.failed else "done").inc()
+        return [(c.job.job_id, dict(c.outcome)) for c, ok in zip(done, stored, strict=True) if ok]
 
-    def _store(self, job: LeasedJob, outcome: Outcome) -> dict[str, Any] | None:
-        """Store one outcome (and its heatmap); returns the stored body, None if the lease was stale."""
+    def _completion(self, job: LeasedJob, outcome: Outcome) -> Completion:
+        """One job's outcome as stored, with its study's worklist place; its heatmap is stored
+        now (before COMPLETE hands the study on)."""
         failed = not isinstance(outcome, dict)
         if isinstance(outcome, dict):
             body = outcome
@@ -218,12 +222,9 @@ class TriageAPI(ls.LitAPI):
         if not math.isfinite(place):  # never let a NaN reach Redis
             place, reason = UNSCORED_PLACE, "unscored: the model gave no finite score"
         heatmap = self._heatmaps.pop(job.job_id, None)
-        if heatmap is not None and not failed:  # stored before COMPLETE hands the study on
+        if heatmap is not None and not failed:
             self.queue.store_heatmap(job.job_id, *heatmap)
-        if not self.queue.complete(job, body, failed, place, reason):
-            return None
-        metrics.JOBS_SCORED.labels(job.model, "failed" if failed else "done").inc()
-        return body
+        return Completion(job, body, failed, place, reason)
 
     def reap_if_due(self) -> None:
         """Upkeep between batches: pick up a changed serving.json, re-deliver expired leases."""

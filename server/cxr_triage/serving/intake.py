@@ -188,8 +188,10 @@ class Intake:
         priority: Priority | None,
         track: bool,
         uids: tuple[str, str] = ("", ""),
+        reply_to: str = "",
     ) -> Accepted:
-        """Read, decode and queue one upload. ``track``: an asynchronous study for the worklist.
+        """Read, decode and queue one upload. ``track``: an asynchronous study for the worklist;
+        ``reply_to``: the waiting request's channel for the outcome (``Replies.channel``).
 
         Raises:
             BadRequest, PayloadTooLarge, UnsupportedMediaType, ModelNotFound, Overloaded (429,
@@ -198,7 +200,9 @@ class Intake:
         request_id = _request_id(request)
         name = self.resolve_model(model)
         data, media_type = await _read_image(request, self.limits.max_bytes)
-        return await self.accept_bytes(data, media_type, name, priority, track, uids, request_id)
+        return await self.accept_bytes(
+            data, media_type, name, priority, track, uids, request_id, reply_to=reply_to
+        )
 
     async def accept_bytes(
         self,
@@ -210,6 +214,7 @@ class Intake:
         uids: tuple[str, str],
         request_id: str,
         modalities: frozenset[str] | None = None,
+        reply_to: str = "",
     ) -> Accepted:
         """Decode and queue one image already read; ``modalities`` restricts DICOM Modality.
         A synchronous request is refused (Overloaded) while CXR_MAX_QUEUE jobs are ready."""
@@ -222,7 +227,9 @@ class Intake:
             ingest.set_attribute("format", prepared.source)
             job = make_job(data, prepared, name, priority, track, uids, request_id, modalities)
             with tracing.span("enqueue", priority=job.priority):
-                submitted = self.queue.submit(job, trace=tracing.carrier(), max_ready=max_ready)
+                submitted = self.queue.submit(
+                    job, trace=tracing.carrier(), max_ready=max_ready, reply_to=reply_to
+                )
         ids = (job.study_uid, job.instance_uid)
         return Accepted(submitted.job_id, submitted.duplicate, request_id, name, job.priority, *ids)
 

@@ -62,7 +62,7 @@ class TriageLoop(LitLoop):
         stream: bool = False,
     ) -> None:
         signals = Signals()
-        events = lit_api.queue.events()
+        events = lit_api.queue.events(urgent_only=lit_api.horizon_s is not None)  # the lane: its own
         turn = functools.partial(self._events_turn, lit_api, signals, events)
         thread = threading.Thread(target=self._repeat, args=(turn, signals, "events"), name="events")
         thread.daemon = True
@@ -127,7 +127,7 @@ class TriageLoop(LitLoop):
         for _ in range(MAX_EVENTS):
             if event is None:
                 break
-            if event.kind == "new" and lit_api.wakes_for(event.arg):
+            if event.kind == "new" and lit_api.wakes_for(event.arg, event.lone):
                 signals.new.set()
             event = events.next(0)
         return True

@@ -2,9 +2,11 @@
 
 ``POST /v1/predict`` queues its job like every other route and then waits on Redis for the
 outcome, whichever worker in whichever replica scores it: the queue's scripts announce each
-finished job on the ``cxr:done`` channel (``scripts.DONE``), a synchronous job with its outcome,
-and one subscription per HTTP process answers the requests that wait for it (an announcement
-without the outcome, from a tracked study's job, is looked up). The reply never passes through
+finished job, a synchronous job with its outcome on the channel of the HTTP process that
+queued it (``channel``, named in the job as its ``reply_to``; other processes do not hear it),
+others on the shared ``cxr:done`` (``scripts.DONE``), and one subscription per HTTP process to
+both answers the requests that wait for it (an announcement without the outcome, from a tracked
+study's job, is looked up). The reply never passes through
 an inference worker's memory, so a worker that dies mid-batch costs the request time, not its
 answer: the job is re-delivered and the request gets that outcome.
 
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +47,14 @@ class Replies:
         self._client: aioredis.Redis | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pid: int | None = None
+        self._channel = ""
+
+    def channel(self) -> str:
+        """This HTTP process's channel for the outcomes its requests wait for (the jobs'
+        ``reply_to``); subscribed to before the first wait (an outcome announced earlier is
+        found by the look-up that follows the subscription)."""
+        self._start()
+        return self._channel
 
     async def wait(self, job_id: str, timeout: float, look_first: bool = True) -> dict[str, Any]:
         """The response body of ``job_id`` once it is done. ``look_first``: read the job's
@@ -92,6 +103,7 @@ class Replies:
         if self._pid != os.getpid():
             self._client, self._listener, self._waiting = None, None, {}
             self._pid = os.getpid()
+            self._channel = f"cxr:done:{uuid.uuid4().hex}"
         if self._client is None:
             self._client = aioredis.Redis.from_url(self.redis_url, health_check_interval=30)
         if self._listener is None or self._listener.done():
@@ -102,7 +114,7 @@ class Replies:
         while True:
             try:
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(scripts.DONE)
+                    await pubsub.subscribe(scripts.DONE, self._channel)
                     await self._resolve(list(self._waiting))  # announced before the subscription
                     await self._follow(pubsub)
             except (RedisError, OSError) as exc:

@@ -122,7 +122,7 @@ def build_predict_router(intake: Intake, replies: Replies) -> APIRouter:
     async def predict(
         request: Request, model: str | None = _MODEL_QUERY, priority: Priority | None = _PRIORITY_QUERY
     ) -> dict[str, object]:
-        accepted = await intake.accept(request, model, priority, track=False)
+        accepted = await intake.accept(request, model, priority, track=False, reply_to=replies.channel())
         # Nothing awaited since the job was queued: only a duplicate may be done already.
         timeout = intake.settings.request_timeout_s
         return await replies.wait(accepted.job_id, timeout, look_first=accepted.duplicate)
