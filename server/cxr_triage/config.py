@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description="LitServe inference processes; 0 = one per core on the CPU engine, 1 on a GPU",
+        description="LitServe inference processes; 0 = one per usable core on the CPU engine, 1 on a GPU",
     )
     intra_op_threads: int = Field(
         0,
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
         "inference process (the urgent lane's included)",
     )
     decode_workers: int = Field(
-        0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per core"
+        0, ge=0, description="image decoding processes of each HTTP server process; 0 = one per usable core"
     )
     decode_threads: int = Field(
         0,
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         return self.replica_id or f"{socket.gethostname()[:56]}:{self.port}"
 
     def resolved_decode_workers(self) -> int:
-        return self.decode_workers or max(1, os.cpu_count() or 1)
+        return self.decode_workers or usable_cores()
 
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or usable_cores()
@@ -192,9 +192,11 @@ class Settings(BaseSettings):
         each with one intra-op thread, runs whole images side by side, which beats one engine
         splitting each image across cores (no barrier waits, and a core taken a moment by
         decoding or HTTP stalls one image, not every thread of a parallel one). On a GPU one
-        worker feeds the device. ``accelerated``: the engine backend is a GPU one.
+        worker feeds the device. ``accelerated``: the engine backend is a GPU one. Cores are the
+        usable ones (``cores.usable_cores``: CPU affinity and a container's CPU quota), not the
+        host's: a container given 2 CPUs on a 64-core host starts 2 workers, not 64.
         """
-        cores = max(1, os.cpu_count() or 1)
+        cores = usable_cores()
         workers = self.inference_workers or (1 if accelerated else cores)
         threads = self.intra_op_threads or max(1, cores // workers)
         return self.model_copy(update={"inference_workers": workers, "intra_op_threads": threads})

@@ -69,7 +69,7 @@ def test_onnx_engine_runs_any_batch_size(tmp_path: Path) -> None:
 def test_cpu_engines_are_one_single_threaded_worker_per_core_plus_the_urgent_lane(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("cxr_triage.config.usable_cores", lambda: 4)
     cpu = Settings().resolved_engines(accelerated=False)
     assert (cpu.inference_workers, cpu.intra_op_threads, cpu.litserve_workers) == (4, 1, 5)
     gpu = Settings().resolved_engines(accelerated=True)
@@ -77,6 +77,27 @@ def test_cpu_engines_are_one_single_threaded_worker_per_core_plus_the_urgent_lan
     pinned = Settings(inference_workers=2, intra_op_threads=3, urgent_lane=False).resolved_engines(False)
     assert (pinned.inference_workers, pinned.intra_op_threads, pinned.litserve_workers) == (2, 3, 2)
     assert Settings(inference_workers=3).resolved_engines(False).intra_op_threads == 1  # 4 // 3
+
+
+def test_workers_follow_the_cores_this_process_may_use_not_the_hosts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container given 2 CPUs (cgroup v2 quota) on a 64-core host: 2 inference workers and 2
+    decoding processes per HTTP process, not 64 (each worker holds an engine in memory)."""
+    import cxr_triage.cores as cores
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("200000 100000\n")
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(cores, "CPU_MAX", cpu_max)
+    cores.usable_cores.cache_clear()
+    try:
+        s = Settings().resolved_engines(accelerated=False)
+        assert (s.inference_workers, s.intra_op_threads) == (2, 1)
+        assert Settings().resolved_decode_workers() == 2
+    finally:
+        cores.usable_cores.cache_clear()
 
 
 def test_the_cpu_engine_batches_at_most_cpu_max_batch_size() -> None:
