@@ -421,6 +421,7 @@ class Run:
     cells: list[Cell] = field(default_factory=list)
     interleaved: list[Cell] = field(default_factory=list)  # bench_interleaved's rounds
     bare: list[Throughput] = field(default_factory=list)
+    bare_rounds: list[Throughput] = field(default_factory=list)  # its turns in bench_interleaved
     bare_other_cores: float = float("nan")
     deltas: dict[str, float] = field(default_factory=dict)  # peer -> max |p - bare engine p| over inputs
     versions: dict[str, str] = field(default_factory=dict)
@@ -431,6 +432,12 @@ class Run:
     @property
     def bare_img_s(self) -> float | None:
         return max((t.img_s for t in self.bare), default=None)
+
+    @property
+    def bare_rounds_img_s(self) -> float | None:
+        """The bare engine's interleaved turns pooled (images ÷ seconds over every turn)."""
+        seconds = sum(t.seconds for t in self.bare_rounds)
+        return sum(t.calls * t.batch for t in self.bare_rounds) / seconds if seconds else None
 
     def ceiling(self, input: str) -> float | None:
         """Requests per second a server with no overhead at all could reach on this machine:
@@ -1199,7 +1206,9 @@ def bench_interleaved(
     turns, ``plan.rounds`` times (the order reversed every other round; the servers not measured
     are frozen). The first pass runs every cell of a peer before the next peer, so the naive and
     cxr-triage cells of one input lie many minutes apart; here the machine's drift over the run
-    falls on both alike."""
+    falls on both alike. The PNG c16 rounds also give the bare engine a turn (every server
+    frozen; one single-threaded session per core, cxr-triage's layout, at batch 1), so that
+    served ÷ bare engine compares two measures taken side by side too."""
     peers = [p for p in plan.peers if PEERS[p].naive or p == "cxr-triage"]
     keys = [(i, c) for i, c in INTERLEAVED_CELLS if i in plan.inputs and c in plan.concurrency]
     if plan.rounds < 1 or "cxr-triage" not in peers or len(peers) < 2 or not keys:
@@ -1214,8 +1223,16 @@ def bench_interleaved(
                 c for c in run.cells if c.peer in peers and (c.input, c.concurrency) == (kind, concurrency)
             ]
             cell_plan = replace(plan, duration=window_s(plan, first))
+            turns: list[Running | None] = [*servers, *([None] if (kind, concurrency) == ("png", 16) else [])]
             for r in range(plan.rounds):
-                for s in servers if r % 2 == 0 else servers[::-1]:
+                for s in turns if r % 2 == 0 else turns[::-1]:
+                    if s is None:  # the bare engine's turn
+                        with frozen(servers):
+                            one = engine_inputs(config)[1]
+                            bare = side_by_side(engine, one, run.cores, cell_plan.duration)
+                        run.bare_rounds.append(bare)
+                        console.print(f"round {r + 1}: bare engine {bare.engine}: {bare.img_s:.1f} img/s")
+                        continue
                     with frozen([o for o in servers if o is not s]):
                         cell = replace(timed_cell(s, kind, files[kind], concurrency, cell_plan), round=r + 1)
                     run.interleaved.append(cell)
@@ -1367,6 +1384,10 @@ def bare_section(run: Run) -> list[str]:
         return "1 session, intra-op threads 0 (all cores)" if t.engine == "onnxruntime-cpu" else t.engine
 
     rows = [[layout(t), str(t.batch), f"{t.img_s:.1f}", f"{t.p50_ms:.1f}"] for t in run.bare]
+    rows += [
+        [f"{t.engine}, PNG c16 round {i + 1}", str(t.batch), f"{t.img_s:.1f}", f"{t.p50_ms:.1f}"]
+        for i, t in enumerate(run.bare_rounds)
+    ]
     busy = " **busy**" if run.bare_other_cores > BUSY_OTHER_CORES else ""
     decode = [
         [
@@ -1385,7 +1406,9 @@ def bare_section(run: Run) -> list[str]:
         f"ONNX Runtime CPU EP, the same model.onnx and a pre-decoded radiograph; {run.plan.duration:g} s "
         f"per row, in the bench process with no server running (other processes: "
         f"{fmt(run.bare_other_cores, 2)} cores{busy}). *N x 1 thread*: one single-threaded session per "
-        "core running side by side (cxr-triage's CPU layout). *served ÷ bare engine* uses the best row.",
+        "core running side by side (cxr-triage's CPU layout). *served ÷ bare engine* uses the best row, "
+        "or, where taken, the bare engine's turns in the interleaved PNG c16 rounds, pooled (every "
+        "server stopped meanwhile).",
         "",
         *table(
             [
@@ -1411,7 +1434,8 @@ def bare_section(run: Run) -> list[str]:
 def targets_section(run: Run) -> list[str]:
     ceilings = {kind: run.ceiling(kind) for kind in INPUTS}
     cells = target_cells(run)
-    verdicts = targets(cells, run.bare_img_s, run.plan.priority_concurrency, ceilings)
+    bare = run.bare_rounds_img_s or run.bare_img_s  # the turns next to the rounds, where taken
+    verdicts = targets(cells, bare, run.plan.priority_concurrency, ceilings)
     if run.interleaved:  # the first pass's figure beside each one measured again
         first = targets(run.cells, run.bare_img_s, run.plan.priority_concurrency, ceilings)
         verdicts = [
@@ -1456,6 +1480,19 @@ def _interleaved_text(run: Run) -> list[str]:
         "sides. Those rows compare the rounds pooled (replies ÷ seconds over all rounds, "
         "percentiles over every reply), with the first pass's figure beside them; each round is "
         "in section *Interleaved rounds*.",
+        *(
+            [
+                "",
+                f"*served ÷ bare engine* compares those PNG c16 rounds with the bare engine's turns in "
+                f"the same rounds ({len(run.bare_rounds)} turns, pooled: "
+                f"{run.bare_rounds_img_s or float('nan'):.1f} img/s; every server stopped meanwhile; "
+                f"{run.cores} x 1 thread at batch 1, cxr-triage's layout); its first-pass figure compares "
+                f"with the bare engine timed at the start of the run ({run.bare_img_s or float('nan'):.1f} "
+                "img/s, section *Bare engine*), before the machine's drift over the run.",
+            ]
+            if run.bare_rounds
+            else []
+        ),
     ]
 
 
@@ -1738,6 +1775,7 @@ def write_outputs(run: Run, text: str) -> list[Path]:
         "started": run.started.isoformat(),
         "smoke": run.plan.smoke,
         "bare_engine_img_s": {f"{t.engine} batch {t.batch}": t.img_s for t in run.bare},
+        "bare_engine_rounds_img_s": [t.img_s for t in run.bare_rounds],
         "decode_cpu_ms": run.decode_cpu_ms,
         "ceiling_req_s": {kind: run.ceiling(kind) for kind in run.decode_cpu_ms},
         "ceiling_alone_req_s": {kind: run.ceiling_alone(kind) for kind in run.decode_cpu_ms},

@@ -285,6 +285,33 @@ def test_interleaved_rounds_pool_and_the_targets_compare_them_beside_the_first_p
     assert all("round" not in c for c in summary["cells"])
 
 
+def test_served_over_bare_compares_the_bare_engines_turns_in_the_rounds_beside_the_first_pass() -> None:
+    """The bare engine timed at the start of a run and cells timed 40 minutes later differ by the
+    machine's drift; its turns in the interleaved PNG c16 rounds do not."""
+    plan = bp.parse_args(["--peers", "naive,cxr-triage"])
+    run = bp.Run(plan, datetime(2026, 1, 2, tzinfo=UTC), 0.1, cells=full_cells(37.0, 13.0, 200.0))
+    run.bare = [bp.Throughput("2 x 1 thread", 1, 960, 20.0, [41.0] * 960)]  # 48 img/s at the start
+    run.interleaved = [
+        round_of(cell("cxr-triage", req_s=40.0), 1),
+        round_of(cell("naive-t2", req_s=40.0), 1),
+        round_of(cell("naive-t2", req_s=40.0), 2),
+        round_of(cell("cxr-triage", req_s=40.0), 2),
+    ]
+    run.bare_rounds = [
+        bp.Throughput("2 x 1 thread", 1, 880, 20.0, [45.0] * 880),
+        bp.Throughput("2 x 1 thread", 1, 860, 20.0, [46.0] * 860),
+    ]
+    assert run.bare_rounds_img_s == pytest.approx(43.5)
+    row = next(r for r in bp.targets_section(run) if r.startswith("| 224 px PNG, c16: served"))
+    assert "0.92 (40.0 vs 43.5 img/s); first pass 0.77 (37.0 vs 48.0 img/s)" in row and "**PASS**" in row
+    text = bp.render(run)
+    assert "*served ÷ bare engine* compares those PNG c16 rounds with the bare engine's turns" in text
+    assert "| 2 x 1 thread, PNG c16 round 2 | 1 | 43.0 |" in text
+    run.bare_rounds = []  # none taken: the start's figure
+    row = next(r for r in bp.targets_section(run) if r.startswith("| 224 px PNG, c16: served"))
+    assert "0.83 (40.0 vs 48.0 img/s)" in row and "**MISS**" in row
+
+
 def test_an_interleaved_cell_measures_long_enough_for_its_slowest_peer() -> None:
     plan = bp.parse_args([])
     assert (plan.duration, plan.min_replies) == (20.0, 100)
@@ -418,6 +445,7 @@ def test_interleaved_rounds_take_turns_between_real_servers(
     bp.bench_interleaved(engine, config, {"png": [str(tmp_path / "png-0")]}, plan, run)  # type: ignore[arg-type]
     order = [("naive-t1", 1), ("cxr-triage", 1), ("cxr-triage", 2), ("naive-t1", 2)]
     assert [(c.peer, c.round) for c in run.interleaved] == order  # PNG c16 only: c4 is no target
+    assert len(run.bare_rounds) == 2 and all(t.img_s > 0 for t in run.bare_rounds)  # its turn each round
     assert all(c.ok() > 0 and c.errors() == 0 and c.concurrency == 16 for c in run.interleaved)
     assert not [
         p for p in Path("/proc").glob("[0-9]*/cmdline") if b"naive_fastapi" in _read(p)
