@@ -1215,6 +1215,7 @@ def bench_interleaved(
     keys = [(i, c) for i, c in INTERLEAVED_CELLS if i in plan.inputs and c in plan.concurrency]
     if plan.rounds < 1 or "cxr-triage" not in peers or len(peers) < 2 or not keys:
         return
+    one = engine_inputs(config)[1]  # the bare engine's batch for its turns (decoded once)
     with ExitStack() as stack:
         servers = [stack.enter_context(start_peer(PEERS[p], engine, config)) for p in peers]
         for s in servers:
@@ -1230,7 +1231,6 @@ def bench_interleaved(
                 for s in turns if r % 2 == 0 else turns[::-1]:
                     if s is None:  # the bare engine's turn
                         with frozen(servers):
-                            one = engine_inputs(config)[1]
                             bare = side_by_side(engine, one, run.cores, cell_plan.duration)
                         run.bare_rounds.append(bare)
                         console.print(f"round {r + 1}: bare engine {bare.engine}: {bare.img_s:.1f} img/s")
