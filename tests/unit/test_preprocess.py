@@ -2,6 +2,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_triage.imaging import resize_for_model, to_batch
+from cxr_triage.imaging.preprocess import resize_levels, to_unit
 from cxr_triage.repository.models import InputSpec
 
 
@@ -46,3 +47,38 @@ def test_an_image_already_at_the_model_size_is_not_resampled_and_gives_the_same_
         want[:, left : left + cols] = same
         assert out.shape == (64, 64) and out.dtype == np.float32
         assert np.array_equal(out.view(np.uint32), want.view(np.uint32)), (shape, resize)
+
+
+def _levels_cases() -> list[tuple[Image.Image, float, float]]:
+    """8-bit and 16-bit level images, larger, smaller and at the model's size, with their range."""
+    rng = np.random.default_rng(1)
+    out = []
+    for rows, cols in ((300, 200), (64, 64), (64, 40), (20, 50)):
+        gray8 = (rng.random((rows, cols)) * 255).astype(np.uint8)
+        out.append((Image.fromarray(gray8, mode="L"), 0.0, 255.0))
+        gray16 = (rng.random((rows, cols)) * 60000 + 1000).astype(np.uint16)
+        out.append((Image.fromarray(gray16), float(gray16.min()), float(gray16.max())))
+    return out
+
+
+def test_resizing_levels_then_mapping_them_gives_the_floats_of_mapping_then_resizing() -> None:
+    """``resize_levels`` (what ``prepare`` runs for PNG and JPEG) gives what resizing the 0-1
+    image gives, to float32 rounding, and bit for bit when the image is already at size."""
+    for resize in ("letterbox", "squash"):
+        spec = InputSpec(size=64, resize=resize)
+        for image, lo, hi in _levels_cases():
+            unit = ((np.asarray(image, dtype=np.float32) - lo) / (hi - lo)).astype(np.float32)
+            want = resize_for_model(unit, spec)
+            got = resize_levels(image, lo, hi, spec)
+            assert got.shape == (64, 64) and got.dtype == np.float32
+            assert got.min() >= 0.0 and got.max() <= 1.0
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"{image.mode} {image.size}")
+            if image.size == (64, 64) or (resize == "letterbox" and image.size == (40, 64)):
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (image.mode, image.size)
+            assert got.std() > 0.05  # a real image came through, not the padding
+
+
+def test_a_flat_image_maps_to_black() -> None:
+    flat = Image.fromarray(np.full((90, 70), 500, dtype=np.uint16))
+    assert not resize_levels(flat, 500.0, 500.0, InputSpec(size=32)).any()
+    assert not to_unit(np.full((4, 4), 3.0, dtype=np.float32), 3.0, 3.0).any()

@@ -12,8 +12,8 @@ from PIL import Image
 
 from cxr_triage.errors import NotAnImage, UnsupportedMediaType
 from cxr_triage.imaging.dicom import decode_dicom, warm_decoders
-from cxr_triage.imaging.preprocess import resize_for_model, to_batch
-from cxr_triage.imaging.raster import decode_raster
+from cxr_triage.imaging.preprocess import resize_for_model, resize_levels, to_batch
+from cxr_triage.imaging.raster import decode_raster, read_levels
 from cxr_triage.imaging.types import DecodedImage, ImageLimits, ModelInput, SourceFormat
 from cxr_triage.repository.models import InputSpec
 
@@ -58,6 +58,13 @@ def decode(data: bytes, media_type: str, limits: ImageLimits) -> DecodedImage:
     Raises:
         UnsupportedMediaType, and the ImageError family (422) / ImageTooLarge (413).
     """
+    source = _source(data, media_type)
+    if source == "dicom":
+        return decode_dicom(data, limits)
+    return decode_raster(data, source, limits)
+
+
+def _source(data: bytes, media_type: str) -> SourceFormat:
     declared = ACCEPTED_MEDIA_TYPES.get(media_type)
     if declared is None and media_type not in ("application/octet-stream", ""):
         raise UnsupportedMediaType(
@@ -67,9 +74,7 @@ def decode(data: bytes, media_type: str, limits: ImageLimits) -> DecodedImage:
     if source is None:
         what = f"a {declared.upper()} image" if declared else "a PNG, JPEG or DICOM image"
         raise NotAnImage(f"the body is not {what} (unknown file signature); check what was sent")
-    if source == "dicom":
-        return decode_dicom(data, limits)
-    return decode_raster(data, source, limits)
+    return source
 
 
 def small_raster(data: bytes, max_pixels: int) -> bool:
@@ -90,12 +95,17 @@ def prepare(data: bytes, media_type: str, spec: InputSpec, limits: ImageLimits) 
     """Decode and resize one upload for a model: pure, so it runs in a decoding process, or in
     the HTTP process for a small raster (``small_raster``)."""
     start = time.perf_counter()
-    image = decode(data, media_type, limits)
-    pixels = resize_for_model(image.pixels, spec)
+    source = _source(data, media_type)
+    if source == "dicom":
+        image = decode_dicom(data, limits)
+        pixels, warnings, dicom = resize_for_model(image.pixels, spec), image.warnings, image.dicom
+    else:  # resized before the float conversion: see resize_levels
+        levels = read_levels(data, source, limits)
+        pixels, warnings, dicom = resize_levels(levels.image, levels.lo, levels.hi, spec), [], {}
     return ModelInput(
         pixels=pixels,
-        source=image.source,
-        warnings=image.warnings,
+        source=source,
+        warnings=warnings,
         decode_ms=(time.perf_counter() - start) * 1000.0,
-        dicom=image.dicom,
+        dicom=dicom,
     )

@@ -30,7 +30,7 @@ from cxr_triage.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
-from cxr_triage.imaging.raster import _stretch
+from cxr_triage.imaging.preprocess import to_unit
 from cxr_triage.imaging.types import DecodedImage, ImageLimits
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,8 @@ def _displayed(stored: np.ndarray, ds: Dataset) -> np.ndarray:
             lo, hi = apply_windowing(np.array([-1e30, 1e30]), ds)
             shown = ((apply_windowing(values, ds) - lo) / (hi - lo)).astype(np.float32)
     else:  # the image's own range: not a per-value map (see _to_display)
-        shown = _stretch(values.astype(np.float32))
+        floats = values.astype(np.float32)
+        shown = to_unit(floats, float(floats.min()), float(floats.max()))
     shown = np.clip(shown, 0.0, 1.0)
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
         shown = 1.0 - shown  # MONOCHROME1: minimum value is white (PS3.3 C.7.6.3.1.2)

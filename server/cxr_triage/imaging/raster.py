@@ -1,16 +1,30 @@
 """PNG and JPEG decoding with Pillow: 8- and 16-bit grayscale, colour reduced to luminance."""
 
 import warnings
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxr_triage.errors import CorruptImage, ImageTooLarge, MultiFrame, NotAnImage, UnsupportedPhotometric
+from cxr_triage.imaging.preprocess import to_unit
 from cxr_triage.imaging.types import DecodedImage, ImageLimits, SourceFormat
 
 _GRAY16 = {"I;16", "I;16B", "I;16L", "I"}
 _TO_LUMA = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "P", "PA", "LA", "1", "L"}
+
+
+@dataclass
+class Levels:
+    """A decoded PNG/JPEG before it becomes 0-1 floats: a Pillow image of its stored levels
+    (L for 8 bits, I;16 or I for 16), and the levels that map to 0 and 1."""
+
+    image: Image.Image
+    lo: float
+    hi: float
+    source: SourceFormat
+    bits: int
 
 
 def decode_raster(data: bytes, source: SourceFormat, limits: ImageLimits) -> DecodedImage:
@@ -23,6 +37,14 @@ def decode_raster(data: bytes, source: SourceFormat, limits: ImageLimits) -> Dec
     Raises:
         NotAnImage, CorruptImage, ImageTooLarge, MultiFrame, UnsupportedPhotometric.
     """
+    levels = read_levels(data, source, limits)
+    arr = np.asarray(levels.image, dtype=np.float32)
+    return DecodedImage(pixels=to_unit(arr, levels.lo, levels.hi), source=source, bits=levels.bits)
+
+
+def read_levels(data: bytes, source: SourceFormat, limits: ImageLimits) -> Levels:
+    """Decode PNG/JPEG bytes to their stored levels (see :class:`Levels`); the same errors as
+    :func:`decode_raster`."""
     img = _open(data, source, limits)
     try:
         img.load()
@@ -31,15 +53,13 @@ def decode_raster(data: bytes, source: SourceFormat, limits: ImageLimits) -> Dec
             f"the {source.upper()} file is truncated or corrupt ({exc}); resend the whole file"
         ) from exc
     if img.mode in _GRAY16:
-        arr = np.asarray(img, dtype=np.float32)
-        return DecodedImage(pixels=_stretch(arr), source=source, bits=16)
+        lo, hi = np.asarray(img.getextrema(), dtype=np.float64)  # one band: (min, max)
+        return Levels(image=img, lo=float(lo), hi=float(hi), source=source, bits=16)
     if img.mode not in _TO_LUMA:
         raise UnsupportedPhotometric(
             f"{source.upper()} mode {img.mode} is not supported; send grayscale or RGB"
         )
-    gray = img.convert("L")
-    arr = np.asarray(gray, dtype=np.float32) / 255.0
-    return DecodedImage(pixels=arr, source=source, bits=8)
+    return Levels(image=img.convert("L"), lo=0.0, hi=255.0, source=source, bits=8)
 
 
 def _open(data: bytes, source: SourceFormat, limits: ImageLimits) -> Image.Image:
@@ -64,11 +84,3 @@ def _open(data: bytes, source: SourceFormat, limits: ImageLimits) -> Image.Image
     if frames > 1:
         raise MultiFrame(f"the {source.upper()} holds {frames} frames; send one radiograph per request")
     return img
-
-
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Map the image's own min-max range to 0-1 (a flat image becomes all zeros)."""
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros_like(arr, dtype=np.float32)
-    return ((arr - lo) / (hi - lo)).astype(np.float32)
