@@ -14,22 +14,39 @@ from pathlib import Path
 
 LOADAVG = Path("/proc/loadavg")
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+CPU_V1 = Path("/sys/fs/cgroup/cpu")  # cgroup v1: cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us
 LOOKS = 5  # readings of the runnable count, LOOK_INTERVAL_S apart, before a decode starts
 LOOK_INTERVAL_S = 0.001
 
 
 @functools.cache
 def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    """Cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (a
     container limited to 2 CPUs on a 64-core host has 2)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = quota_cores()
+    return max(1, cores if quota is None else min(cores, quota))
+
+
+def quota_cores() -> int | None:
+    """CPUs the cgroup's CPU quota allows, rounded up (half a CPU still gets a thread); None when
+    there is no quota. cgroup v2's cpu.max, else cgroup v1's CFS files: what loky's
+    ``cpu_count`` reads, without importing joblib into every process (14 MB each)."""
     try:
         quota, period = CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
-        pass
-    return max(1, cores)
+        try:
+            quota = (CPU_V1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (CPU_V1 / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    if quota_us <= 0 or period_us <= 0:  # v1's -1: no quota
+        return None
+    return max(1, math.ceil(quota_us / period_us))
 
 
 def runnable_threads() -> int | None:

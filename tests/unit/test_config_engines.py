@@ -91,6 +91,7 @@ def test_workers_follow_the_cores_this_process_may_use_not_the_hosts(
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
     monkeypatch.setattr(cores, "CPU_MAX", cpu_max)
+    monkeypatch.setattr(cores, "CPU_V1", tmp_path / "no-cgroup-v1")
     cores.usable_cores.cache_clear()
     try:
         s = Settings().resolved_engines(accelerated=False)

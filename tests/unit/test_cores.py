@@ -83,6 +83,7 @@ def test_usable_cores_follows_a_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch
     affinity = len(os.sched_getaffinity(0))
     cpu_max = tmp_path / "cpu.max"
     monkeypatch.setattr(cores, "CPU_MAX", cpu_max)
+    monkeypatch.setattr(cores, "CPU_V1", tmp_path / "no-cgroup-v1")
     try:
         for text, expected in [
             ("max 100000", affinity),
@@ -96,6 +97,28 @@ def test_usable_cores_follows_a_cgroup_cpu_quota(monkeypatch: pytest.MonkeyPatch
         cpu_max.unlink()
         cores.usable_cores.cache_clear()
         assert cores.usable_cores() == affinity
+    finally:
+        cores.usable_cores.cache_clear()
+
+
+def test_usable_cores_follows_a_cgroup_v1_cfs_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A host on cgroup v1 (no cpu.max): the quota is in cpu.cfs_quota_us / cpu.cfs_period_us,
+    and -1 means none."""
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    monkeypatch.setattr(cores, "CPU_MAX", tmp_path / "cpu.max")  # absent, as on a v1 host
+    monkeypatch.setattr(cores, "CPU_V1", v1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(64)))
+    try:
+        cases = [("-1", "100000", 64), ("200000", "100000", 2), ("50000", "100000", 1)]
+        for quota, period, expected in cases:
+            (v1 / "cpu.cfs_quota_us").write_text(quota + "\n")
+            (v1 / "cpu.cfs_period_us").write_text(period + "\n")
+            cores.usable_cores.cache_clear()
+            assert cores.usable_cores() == expected, quota
+        (v1 / "cpu.cfs_quota_us").write_text("garbage\n")
+        cores.usable_cores.cache_clear()
+        assert cores.usable_cores() == 64
     finally:
         cores.usable_cores.cache_clear()
 
