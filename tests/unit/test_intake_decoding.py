@@ -78,7 +78,15 @@ def test_warm_calls_at_the_same_time_start_one_decoding_process(exported_repo: P
 
     async def together() -> None:
         await asyncio.gather(one.warm(), one.warm(), one.warm())
-        await one.warm()  # later: a new call, answered by the running process
+        assert one._pool is not None and len(one._pool._processes) == 1
+        # Later (a probe comes seconds after): a new call, answered by the running process. The
+        # pool's manager thread marks that process idle just after handing its answer over; a
+        # call in between would make the pool start another, so wait as a probe's interval does.
+        for _ in range(500):
+            if one._pool._idle_worker_semaphore._value:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        await one.warm()
 
     with pools_shut(one):
         asyncio.run(together())
