@@ -23,7 +23,6 @@ class Levels:
     image: Image.Image
     lo: float
     hi: float
-    source: SourceFormat
     bits: int
 
 
@@ -54,12 +53,12 @@ def read_levels(data: bytes, source: SourceFormat, limits: ImageLimits) -> Level
         ) from exc
     if img.mode in _GRAY16:
         lo, hi = np.asarray(img.getextrema(), dtype=np.float64)  # one band: (min, max)
-        return Levels(image=img, lo=float(lo), hi=float(hi), source=source, bits=16)
+        return Levels(image=img, lo=float(lo), hi=float(hi), bits=16)
     if img.mode not in _TO_LUMA:
         raise UnsupportedPhotometric(
             f"{source.upper()} mode {img.mode} is not supported; send grayscale or RGB"
         )
-    return Levels(image=img.convert("L"), lo=0.0, hi=255.0, source=source, bits=8)
+    return Levels(image=img.convert("L"), lo=0.0, hi=255.0, bits=8)
 
 
 def _open(data: bytes, source: SourceFormat, limits: ImageLimits) -> Image.Image:
